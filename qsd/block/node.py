@@ -1,0 +1,253 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The driver interface: a node is an object with async methods over byte ranges.
+
+Drivers subclass :class:`Node` and register with :func:`register_driver`.
+The graph (``qsd.block.graph``) creates nodes, opens their children through
+:meth:`Node.open_child`, and keeps the permissions on every edge consistent.
+
+Contract for drivers
+--------------------
+* ``async open(options)`` gets the validated blockdev-add options of this
+  node (a dict, schema defaults *not* filled in; use ``options.get``).
+  Children are opened with ``await self.open_child("file", options["file"])``
+  which accepts an inline options dict or a node-name reference.
+  ``open`` must set ``self.size``.
+* Data methods take byte offsets. ``read_into(offset, buf)`` fills the whole
+  memoryview ``buf`` (reads past EOF are the caller's bug). Writes get
+  ``bytes``/``memoryview`` data.
+* ``block_status(offset, length)`` returns at least one :class:`Extent`
+  starting at ``offset`` (it may cover less than ``length``). Data extents of
+  file-backed nodes carry ``host_fd``/``host_offset`` so that an export can
+  ``sendfile`` or ``preadv`` straight from the image file.
+* Errors are ``OSError`` (errno tells the client what went wrong) or
+  :class:`~qsd.qmp.errors.QMPError` during open/create.
+* Permissions: a node that reaches the disk (protocol drivers) overrides
+  :meth:`check_perm`/:meth:`set_perm`, called with the union of everything
+  its parents take and the intersection of what they share.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qsd.qmp.errors import GenericError
+
+if TYPE_CHECKING:
+    from qsd.block.graph import Edge, Graph
+
+
+class Perm(enum.IntFlag):
+    """BlockPermission of QEMU 7.2, bit order as QEMU (and its lock bytes) use it."""
+
+    CONSISTENT_READ = 1 << 0
+    WRITE = 1 << 1
+    WRITE_UNCHANGED = 1 << 2
+    RESIZE = 1 << 3
+
+    @classmethod
+    def all(cls) -> "Perm":
+        return cls.CONSISTENT_READ | cls.WRITE | cls.WRITE_UNCHANGED | cls.RESIZE
+
+
+#: Names as QEMU prints them in permission errors, in bit order.
+PERM_NAMES: dict[Perm, str] = {
+    Perm.CONSISTENT_READ: "consistent read",
+    Perm.WRITE: "write",
+    Perm.WRITE_UNCHANGED: "write unchanged",
+    Perm.RESIZE: "resize",
+}
+
+
+class Role(enum.Flag):
+    """What a child is to its parent; decides the default permissions."""
+
+    DATA = enum.auto()
+    METADATA = enum.auto()
+    FILTERED = enum.auto()
+    COW = enum.auto()
+    PRIMARY = enum.auto()
+
+
+@dataclass(slots=True)
+class Extent:
+    """One run of a node's block status.
+
+    ``data``: allocated with data (NBD's HOLE flag is ``not data``);
+    ``zero``: reads as zeroes; ``depth``: 0 unallocated in the whole chain,
+    1 allocated in this node, N in the (N-1)th backing file;
+    ``host_fd``/``host_offset``: where the bytes of a data extent lie in a
+    host file, or ``-1`` when they must be read through the driver.
+    """
+
+    offset: int
+    length: int
+    data: bool = True
+    zero: bool = False
+    depth: int = 1
+    host_fd: int = -1
+    host_offset: int = 0
+
+
+class Node:
+    """Base class of every block driver."""
+
+    #: blockdev-add ``driver`` name; set by subclasses.
+    driver: ClassVar[str] = ""
+    #: Role of the ``file`` child for drivers that have one.
+    file_role: ClassVar[Role] = Role.DATA | Role.METADATA | Role.PRIMARY
+    #: True for format drivers (query-named-block-nodes lists them as images).
+    is_format: ClassVar[bool] = False
+    #: True for filters, which pass their parents' permissions through.
+    is_filter: ClassVar[bool] = False
+
+    def __init__(self, graph: "Graph", node_name: str, options: dict[str, Any],
+                 generated_name: bool = False) -> None:
+        self.graph = graph
+        self.node_name = node_name
+        self.generated_name = generated_name
+        self.options = options
+        self.read_only: bool = bool(options.get("read-only", False))
+        self.auto_read_only: bool = bool(options.get("auto-read-only", False))
+        self.force_share: bool = bool(options.get("force-share", False))
+        self.detect_zeroes: str = options.get("detect-zeroes", "off")
+        self.discard_mode: str = options.get("discard", "ignore")
+        cache = options.get("cache", {})
+        self.cache_direct: bool = bool(cache.get("direct", False))
+        self.cache_no_flush: bool = bool(cache.get("no-flush", False))
+        self.size: int = 0
+        #: Smallest unit the driver can do I/O in; the node layer aligns to it.
+        self.request_alignment: int = 1
+        #: Largest single request (0: no limit).
+        self.max_transfer: int = 0
+        self.children: dict[str, "Edge"] = {}
+        self.parents: list["Edge"] = []
+        #: True once created by blockdev-add at top level (monitor-owned).
+        self.monitor_owned = False
+
+    # ----- life cycle -------------------------------------------------
+    async def open(self, options: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release resources; children are detached by the graph."""
+
+    async def open_child(self, name: str, ref: Any, role: Role | None = None) -> "Node":
+        """Open (inline) or look up (reference) a child and attach it as ``name``."""
+        return await self.graph.open_child(self, name, ref,
+                                           role if role is not None else self.file_role)
+
+    @property
+    def file(self) -> "Node":
+        return self.children["file"].child
+
+    # ----- permissions -----------------------------------------------
+    def child_perm(self, edge: "Edge", perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """Permissions to take on ``edge`` given what our parents take/share.
+
+        Filters pass them through; storage children of formats take what a
+        format needs: read always, write+resize when the node is writable,
+        and they share neither write nor resize with anybody else.
+        """
+        if self.is_filter or Role.FILTERED in edge.role:
+            return perm, shared
+        p = Perm.CONSISTENT_READ
+        s = Perm.all()
+        if Role.METADATA in edge.role:
+            if not self.read_only:
+                p |= Perm.WRITE | Perm.RESIZE
+            s &= ~(Perm.WRITE | Perm.RESIZE)
+        elif Role.DATA in edge.role:
+            p |= perm & (Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE)
+            s = shared | Perm.WRITE_UNCHANGED
+        if Role.COW in edge.role:
+            p = Perm.CONSISTENT_READ
+            s = Perm.all() & ~(Perm.WRITE | Perm.RESIZE) | Perm.WRITE_UNCHANGED
+        if self.force_share:
+            s = Perm.all()
+        return p, s
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Raise QMPError if the cumulative permissions cannot be had."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Apply the cumulative permissions checked by :meth:`check_perm`."""
+
+    # ----- I/O ---------------------------------------------------------
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        raise OSError(95, "Operation not supported")
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf))
+        return buf
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    fua: bool = False) -> None:
+        raise OSError(95, "Operation not supported")
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                           fua: bool = False, no_fallback: bool = False) -> None:
+        """Zero a range; ``no_fallback`` forbids writing explicit zero buffers
+        (NBD's FAST_ZERO): raise ENOTSUP then."""
+        if no_fallback:
+            raise OSError(95, "Operation not supported")
+        chunk = 1 << 20
+        zeroes = bytes(min(chunk, length))
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            await self.write(pos, memoryview(zeroes)[:n], fua)
+            pos += n
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory: drivers that cannot discard do nothing."""
+
+    async def flush(self) -> None:
+        for edge in self.children.values():
+            await edge.child.flush()
+
+    async def truncate(self, size: int, exact: bool = False,
+                       prealloc: str = "off") -> None:
+        raise GenericError("Image format driver does not support resize")
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length, data=True, zero=False, depth=1)]
+
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Fast synchronous mapping: ``(fd, host_offset)`` when the whole range
+        lies contiguously in one host file, else None. Exports use it to move
+        bytes without going through the driver's coroutines."""
+        return None
+
+    # ----- introspection -----------------------------------------------
+    @property
+    def filename(self) -> str:
+        """The ``file`` member of query-named-block-nodes."""
+        if "file" in self.children:
+            return self.file.filename
+        return ""
+
+    def format_specific(self) -> dict[str, Any] | None:
+        """ImageInfoSpecific for query-named-block-nodes, or None."""
+        return None
+
+    def cluster_size(self) -> int | None:
+        return None
+
+    def actual_size(self) -> int | None:
+        """Bytes the image occupies on the host, or None when unknown."""
+        if "file" in self.children:
+            return self.file.actual_size()
+        return None
+
+
+DRIVERS: dict[str, type[Node]] = {}
+
+
+def register_driver(cls: type[Node]) -> type[Node]:
+    """Class decorator: make ``cls`` available to blockdev-add by its name."""
+    DRIVERS[cls.driver] = cls
+    return cls
