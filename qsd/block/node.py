@@ -101,6 +101,9 @@ class Node:
     is_format: ClassVar[bool] = False
     #: True for filters, which pass their parents' permissions through.
     is_filter: ClassVar[bool] = False
+    #: Whether query-named-block-nodes shows ``dirty-flag`` (drivers that
+    #: answer QEMU's get_info do).
+    reports_dirty_flag: ClassVar[bool] = True
 
     def __init__(self, graph: "Graph", node_name: str, options: dict[str, Any],
                  generated_name: bool = False) -> None:
@@ -233,6 +236,10 @@ class Node:
     def format_specific(self) -> dict[str, Any] | None:
         """ImageInfoSpecific for query-named-block-nodes, or None."""
         return None
+
+    def dirty_flag(self) -> bool:
+        """True while the image is marked in use (qcow2 lazy refcounts)."""
+        return False
 
     def cluster_size(self) -> int | None:
         return None

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Block exports by id, and the one NBD server they may be served from.
+
+An export is a root user of its node in the graph (QEMU's anonymous
+BlockBackend): it takes consistent-read, plus write when writable, and
+shares everything. The export types plug in below; only the bookkeeping
+that all types share lives here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qsd.block.graph import Edge
+from qsd.block.node import Perm
+from qsd.export.nbd.server import NBDExportConfig, NBDServer
+from qsd.qmp.errors import GenericError
+
+if TYPE_CHECKING:
+    from qsd.daemon import Daemon
+
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+NBD_MAX_STRING = 4096
+
+
+@dataclass(eq=False)
+class Export:
+    id: str
+    type: str
+    node_name: str
+    edge: Edge
+    name: str
+    shutting_down: bool = False
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "node-name": self.node_name,
+                "shutting-down": self.shutting_down}
+
+
+class ExportManager:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.exports: dict[str, Export] = {}
+        self.nbd: NBDServer | None = None
+
+    # ----- NBD server ----------------------------------------------------
+    async def nbd_server_start(self, addr: dict[str, Any], tls_creds: str | None,
+                               tls_authz: str | None, max_connections: int) -> None:
+        """Start the server; ``addr`` is a flat SocketAddress."""
+        if self.nbd is not None:
+            raise GenericError("NBD server already running")
+        if tls_creds is not None:
+            raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+        if tls_authz is not None:
+            raise GenericError("'tls-authz' is only supported with 'tls-creds'")
+        server = NBDServer(max_connections=max_connections)
+        await server.start(addr)
+        self.nbd = server
+
+    async def nbd_server_stop(self) -> None:
+        if self.nbd is None:
+            raise GenericError("NBD server not running")
+        for export in [e for e in self.exports.values() if e.type == "nbd"]:
+            await self._remove(export)
+        server, self.nbd = self.nbd, None
+        await server.stop()
+
+    async def stop_servers(self) -> None:
+        if self.nbd is not None:
+            server, self.nbd = self.nbd, None
+            await server.stop()
+
+    # ----- exports -----------------------------------------------------
+    async def add(self, args: dict[str, Any]) -> None:
+        """block-export-add, with QSD's order of checks."""
+        eid = args["id"]
+        if not _ID_RE.match(eid):
+            raise GenericError("Invalid block export id")
+        if eid in self.exports:
+            raise GenericError(f"Block export id '{eid}' is already in use")
+        node_name = args["node-name"]
+        node = self.daemon.graph.find(node_name)
+        writable = args.get("writable", False)
+        if writable and node.read_only:
+            raise GenericError("Cannot export read-only node as writable")
+        if args.get("iothread") is not None and args["iothread"] not in self.daemon.objects.objects:
+            raise GenericError(f"IOThread '{args['iothread']}' not found")
+        if self.nbd is None:
+            raise GenericError("NBD server not running")
+        name = args.get("name", node_name)
+        if len(name.encode()) > NBD_MAX_STRING:
+            raise GenericError(f"export name '{name}' too long")
+        description = args.get("description")
+        if description is not None and len(description.encode()) > NBD_MAX_STRING:
+            raise GenericError(f"description '{description}' too long")
+        if self.nbd.has_export(name):
+            raise GenericError(f"NBD server already has export named '{name}'")
+        for bitmap in args.get("bitmaps", []):
+            bname = bitmap if isinstance(bitmap, str) else bitmap["name"]
+            raise GenericError(f"Bitmap '{bname}' is not found")
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
+        edge = await self.daemon.graph.attach_user(node, f"export '{eid}'", perm, Perm.all())
+        export = Export(eid, "nbd", node_name, edge, name)
+        try:
+            self.nbd.add_export(NBDExportConfig(
+                name=name, description=description or "", edge=edge, writable=writable))
+        except BaseException:
+            await self.daemon.graph.detach(edge)
+            raise
+        self.exports[eid] = export
+
+    async def delete(self, eid: str, mode: str) -> None:
+        export = self.exports.get(eid)
+        if export is None:
+            raise GenericError(f"Export '{eid}' is not found")
+        if mode == "safe" and self.nbd is not None and self.nbd.clients(export.name):
+            raise GenericError(f"export '{eid}' still in use")
+        await self._remove(export)
+
+    async def _remove(self, export: Export) -> None:
+        export.shutting_down = True
+        if self.nbd is not None and export.type == "nbd":
+            await self.nbd.remove_export(export.name)
+        del self.exports[export.id]
+        await self.daemon.graph.detach(export.edge)
+        self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id})
+
+    async def remove_all(self) -> None:
+        for export in list(self.exports.values()):
+            await self._remove(export)
+
+    def query(self) -> list[dict[str, Any]]:
+        return [e.info() for e in reversed(list(self.exports.values()))]

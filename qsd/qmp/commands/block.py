@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Block node commands: blockdev-add/-del and the node queries."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsd.block.node import Node
+from qsd.qmp.dispatch import command
+
+if TYPE_CHECKING:
+    from qsd.daemon import Daemon
+
+
+@command("blockdev-add")
+async def blockdev_add(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.graph.add(args)
+    return {}
+
+
+@command("blockdev-del")
+async def blockdev_del(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.graph.delete(args["node-name"])
+    return {}
+
+
+@command("query-block")
+async def query_block(daemon: "Daemon", args: dict[str, Any]) -> list[Any]:
+    """QSD has no BlockBackends with names, so there is nothing to list."""
+    return []
+
+
+@command("query-named-block-nodes")
+async def query_named_block_nodes(daemon: "Daemon", args: dict[str, Any]) -> list[dict[str, Any]]:
+    flat = args.get("flat", False)
+    return [node_info(node, flat) for node in reversed(list(daemon.graph.nodes.values()))]
+
+
+def _backing(node: Node) -> Node | None:
+    edge = node.children.get("backing")
+    return edge.child if edge is not None else None
+
+
+def image_info(node: Node, nested: bool) -> dict[str, Any]:
+    """ImageInfo, members inserted in the schema's order."""
+    info: dict[str, Any] = {"filename": node.filename, "format": node.driver}
+    if node.reports_dirty_flag:
+        info["dirty-flag"] = node.dirty_flag()
+    actual = node.actual_size()
+    if actual is not None:
+        info["actual-size"] = actual
+    info["virtual-size"] = node.size
+    cluster = node.cluster_size()
+    if cluster is not None:
+        info["cluster-size"] = cluster
+    backing = _backing(node)
+    if backing is not None:
+        info["backing-filename"] = backing.filename
+        info["full-backing-filename"] = backing.filename
+        info["backing-filename-format"] = backing.driver
+        if nested:
+            info["backing-image"] = image_info(backing, nested)
+    specific = node.format_specific()
+    if specific is not None:
+        info["format-specific"] = specific
+    return info
+
+
+def node_info(node: Node, flat: bool) -> dict[str, Any]:
+    """BlockDeviceInfo, members inserted in the schema's order."""
+    info: dict[str, Any] = {"file": node.filename, "node-name": node.node_name,
+                            "ro": node.read_only, "drv": node.driver}
+    depth = 0
+    backing = _backing(node)
+    if backing is not None:
+        info["backing_file"] = backing.filename
+        while backing is not None:
+            depth += 1
+            backing = _backing(backing)
+    info["backing_file_depth"] = depth
+    info["encrypted"] = False
+    info["detect_zeroes"] = node.detect_zeroes
+    for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
+        info[key] = 0
+    info["image"] = image_info(node, not flat)
+    info["cache"] = {"writeback": True, "direct": node.cache_direct,
+                     "no-flush": node.cache_no_flush}
+    info["write_threshold"] = 0
+    return info
