@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The same scripted QMP sessions against the real qemu-storage-daemon and
+qsd, compared byte for byte after normalisation (see tests/qmpdiff.py).
+
+The sessions follow the recorded transcripts a, a2, a3, n, g, i and m in
+../shared/reference/qsd-7.2/transcripts, restricted to what this daemon
+implements (raw/file/null nodes instead of qcow2, no jobs yet).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import pytest
+
+from qmpdiff import Close, Connect, Partial, Shell, Switch, Wait, have_qsd, run_session
+
+pytestmark = pytest.mark.skipif(not have_qsd(), reason="qemu-storage-daemon not installed")
+
+CAPS = '{"execute": "qmp_capabilities"}\n'
+
+SESSIONS: dict[str, tuple[str | None, list]] = {
+    "handshake-and-errors": (None, [
+        '{"execute": "query-version", "id": "pre-1"}\n',
+        '{"execute": "query-block"}\n',
+        '{"execute": "no-such-command", "id": "pre-2"}\n',
+        '{"execute": "qmp_capabilities", "arguments": {"enable": ["bogus"]}, "id": "cap-bad"}\n',
+        '{"execute": "qmp_capabilities", "arguments": {"bogus": 1}, "id": "cap-bad2"}\n',
+        '{"execute": "qmp_capabilities", "id": {"any": ["json", 1]}}\n',
+        '{"execute": "qmp_capabilities", "id": 2}\n',
+        '{"execute": "query-version"}\n',
+        '{"execute": "no-such-command", "id": 3}\n',
+        Partial('{"execute": "query-version", "id": 4\n'), '}\n',
+        '{"execute": query-version}\n',
+        '[1, 2]\n', '"hello"\n', '{"id": 5}\n',
+        '{"execute": 42, "id": 6}\n',
+        '{"execute": "query-version", "arguments": [], "id": 7}\n',
+        '{"execute": "query-version", "id": 8, "foo": 1}\n',
+        '{"execute": "query-version", "exec-oob": "query-version", "id": 9}\n',
+        '{"exec-oob": "query-version", "id": 10}\n',
+        '{"execute": "query-named-block-nodes", "arguments": {"flat": "yes"}, "id": 12}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": true}, "id": 13}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "nosuchdriver", "node-name": "n"}, "id": 14}\n',
+        '{"execute": "blockdev-del", "arguments": {}, "id": 15}\n',
+        '{"execute": "blockdev-del", "id": 16}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f0"}, "id": 17}\n',
+        '{"execute": "query-version", "arguments": {"bogus": 1}, "id": 18}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "x", "extra": 1}, "id": 19}\n',
+        '{"execute": "query-block-exports", "arguments": {}, "id": 20}\n',
+        '{"execute":"query-block","id":21}{"execute":"query-block-exports","id":22}',
+        Partial('{"execute":"query-bl'), 'ock","id":23}',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "nope"}, "id": 24}\n',
+        '{"execute": "object-del", "arguments": {"id": "nope"}, "id": 30}\n',
+        '{"execute": "block-export-del", "arguments": {"id": "nope"}, "id": 31}\n',
+        '{"execute": "nbd-server-stop", "id": 32}\n',
+        '{"execute": "query-block", "id": 33}\n',
+    ]),
+    "oob": (None, [
+        '{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": "c"}\n',
+        '{"exec-oob": "query-version"}\n',
+        '{"exec-oob": "query-version", "id": "o1"}\n',
+        '{"exec-oob": "no-such-command", "id": "o2"}\n',
+        '{"execute": "query-version", "id": "ib1"}\n',
+        '{"execute": "query-version"}\n',
+        Close(), Connect(),
+        '{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}',
+        '{"execute":"query-version","id":"__qmp#00000"}',
+        '{"execute":"blockdev-del","arguments":{"node-name":"nope"},"id":"__qmp#00001"}',
+    ]),
+    "parser-edge-cases": (None, [
+        CAPS,
+        "{'execute': 'query-version', 'id': 'sq'}\n",
+        '{"execute": "query-version" "id": 5}\n',
+        '}\n',
+        '{"execute": "query-block", "id": 6}}\n',
+        Partial('   \n'),
+        Partial('{"execute":\n'), Partial('  "query-block",\n'), '  "id": 7}\n',
+        '{"execute": "query-named-block-nodes", "arguments": {"flat": null}, "id": 8}\n',
+        '{"execute": "query-block", "id": "\\u00e9t\\u00e9"}\n',
+        '{"execute": "query-block", "id": "a\\qb"}\n',
+        '{"execute": "query-block", "id": "abc\n', '"}\n',
+        'null\n',
+        '{"execute": "query-version", "id": 12}\n',
+        '{"execute":"query-block","id":{"a":[1,2.5,-3,true,null,"x"],"b":1e3}}',
+        '{"execute":"query-block","id":18446744073709551615}',
+        '{"execute":"query-block","id":-9223372036854775808}',
+        '{"execute":"query-block","id":0.1}',
+        '{"execute":"query-block","id":1.5e300}',
+        '{"execute":"query-block","id":-0.0}',
+        '{"execute":"query-block","id":100000000000000000000}',
+        '{"execute":"query-block","id":1e-7}',
+        '{"execute":"query-block","id":3.0}',
+        '{"execute":"query-block","id":"a/b\\"c\\\\d\\te\\u0001\\u007f\\u00e9\\u20ac\\ud83d\\ude00 raw: '
+        + 'é€"}\n',
+        '{"execute":"query-block","id":{"zeta":1,"alpha":2,"id":3,"return":4,"m":{"q":[]}}}\n',
+    ]),
+    "nodes": ("truncate -s 1M f.img && truncate -s 1000 odd.img", [
+        CAPS,
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f", "filename": "f.img"}, "id": 1}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": "f"}, "id": 2}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n"}, "id": 3}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r2", "file": {"driver": "file", "filename": "odd.img"}}, "id": 4}\n',
+        '{"execute": "query-named-block-nodes", "id": 5}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f", "filename": "f.img"}, "id": 6}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "1bad name", "filename": "f.img"}, "id": 7}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "filename": "f.img"}, "id": 8}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "nf", "filename": "does-not-exist.img"}, "id": 9}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "q2", "file": "no-such-node"}, "id": 10}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "f.img", "no-such-opt": 1}, "id": 11}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "abcdefghijabcdefghijabcdefghij12", "filename": "f.img"}, "id": 12}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "f"}, "id": 13}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "ro", "read-only": true, "file": {"driver": "file", "filename": "f.img", "node-name": "rof", "read-only": true}}, "id": 14}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "rof"}, "id": 15}\n',
+        '{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": 16}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "r"}, "id": 17}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "f"}, "id": 18}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "ro"}, "id": 19}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "r2"}, "id": 20}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "n"}, "id": 21}\n',
+        '{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": 22}\n',
+    ]),
+    "objects": (None, [
+        CAPS,
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0", "data": "x"}, "id": 1}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0", "data": "x"}, "id": 2}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "1s", "data": "x"}, "id": 3}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s1"}, "id": 4}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s2", "data": "!!", "format": "base64"}, "id": 5}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s3", "data": "x", "keyid": "nokey"}, "id": 6}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s4", "data": "x", "keyid": "s0"}, "id": 7}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s5", "data": "x", "file": "f"}, "id": 8}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io0", "poll-max-ns": -1}, "id": 9}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io1"}, "id": 10}\n',
+        '{"execute": "object-add", "arguments": {"qom-type": "nosuch", "id": "x"}, "id": 11}\n',
+        '{"execute": "object-del", "arguments": {"id": "io1"}, "id": 12}\n',
+        '{"execute": "object-del", "arguments": {"id": "s0"}, "id": 13}\n',
+        '{"execute": "object-del", "arguments": {"id": "s0"}, "id": 14}\n',
+    ]),
+    "exports": ("truncate -s 64M disk.img && truncate -s 32M disk2.img"
+                " && qemu-io -f raw -c 'write -P 0x5a 0 1M' disk.img >/dev/null", [
+        CAPS,
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "disk", "file": {"driver": "file", "filename": "disk.img"}}, "id": 1}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk"}, "id": 3}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "inet", "host": "127.0.0.1", "port": "10899"}}, "id": 4}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": 5}}}, "id": 5}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}, "max-connections": 4}, "id": 6}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd2.sock"}}}, "id": 7}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-ro", "node-name": "disk", "name": "ro", "description": "read-only view"}, "id": 82}\n',
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "disk2", "file": {"driver": "file", "filename": "disk2.img"}}, "id": 10}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-rw", "node-name": "disk2", "writable": true}, "id": 11}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-rw", "node-name": "disk2"}, "id": 12}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-x", "node-name": "disk2", "name": "ro"}, "id": 13}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-y", "node-name": "nope"}, "id": 14}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-z", "node-name": "disk", "bitmaps": ["nope"]}, "id": 15}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "1bad", "node-name": "disk"}, "id": 151}\n',
+        '{"execute": "query-block-exports", "id": 16}\n',
+        Shell("qemu-img info --output=json 'nbd+unix:///ro?socket=nbd.sock'"),
+        Shell("qemu-io -f raw -c 'write -P 0x11 0 64k' 'nbd+unix:///ro?socket=nbd.sock'"),
+        Shell("qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'read -P 0x11 0 64k'"
+              " 'nbd+unix:///disk2?socket=nbd.sock' | grep -v ops"),
+        Shell("qemu-io -f raw -c 'read -P 0x5a 0 1M' -c 'read -P 0 1M 1M'"
+              " 'nbd+unix:///ro?socket=nbd.sock' | grep -v ops"),
+        Shell("nbdinfo 'nbd+unix:///nosuch?socket=nbd.sock'"),
+        '{"execute": "blockdev-del", "arguments": {"node-name": "disk2"}, "id": 161}\n',
+        '{"execute": "block-export-del", "arguments": {"id": "exp-rw", "mode": "hard"}, "id": 19}\n',
+        '{"execute": "block-export-del", "arguments": {"id": "exp-ro"}, "id": 20}\n',
+        '{"execute": "query-block-exports", "id": 21}\n',
+        '{"execute": "nbd-server-add", "arguments": {"device": "disk", "name": "legacy", "writable": false}, "id": 22}\n',
+        '{"execute": "query-block-exports", "id": 23}\n',
+        '{"execute": "nbd-server-remove", "arguments": {"name": "legacy"}, "id": 24}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "exp-last", "node-name": "disk"}, "id": 25}\n',
+        '{"execute": "nbd-server-stop", "id": 26}\n',
+        '{"execute": "query-block-exports", "id": 27}\n',
+        '{"execute": "nbd-server-stop", "id": 28}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "disk2"}, "id": 29}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "disk"}, "id": 30}\n',
+    ]),
+    "quit": ("truncate -s 16M q.img", [
+        CAPS,
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "q", "file": {"driver": "file", "filename": "q.img"}}, "id": 1}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}, "id": 2}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "q"}, "id": 3}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "q", "name": "two"}, "id": 31}\n',
+        '{"execute": "quit", "arguments": {"now": true}, "id": 4}\n',
+        '{"execute": "quit", "id": 5}\n',
+        Wait(),
+        Shell("ls qmp.sock nbd.sock 2>&1"),
+    ]),
+    "two-monitors": (None, [
+        CAPS,
+        Connect("qmp.sock", greeting=False),
+        Connect("qmp2.sock"),
+        Switch(0),
+        '{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n0"}, "id": 1}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}, "id": 2}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "n0"}, "id": 3}\n',
+        '{"execute": "block-export-del", "arguments": {"id": "e"}, "id": 4}\n',
+        Switch(2),
+        CAPS,
+        Switch(0),
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "n0"}, "id": 5}\n',
+        Switch(2),
+        '{"execute": "block-export-del", "arguments": {"id": "e"}, "id": "b1"}\n',
+        Switch(0),
+        Close(),
+        Switch(1),
+        CAPS,
+        '{"execute": "query-block-exports", "id": 6}\n',
+    ]),
+}
+
+TWO_MONITORS = ["--chardev", "socket,path=qmp.sock,server=on,wait=off,id=char0",
+                "--monitor", "chardev=char0",
+                "--chardev", "socket,path=qmp2.sock,server=on,wait=off,id=char1",
+                "--monitor", "chardev=char1"]
+
+
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_session_matches_qsd(name: str, tmp_path) -> None:
+    setup, steps = SESSIONS[name]
+    args = TWO_MONITORS if name == "two-monitors" else None
+    if name == "quit":
+        args = [*(args or TWO_MONITORS[:4]), "--pidfile", "qsd.pid"]
+    theirs = run_session("qemu", tmp_path / "qemu", steps, args, setup)
+    ours = run_session("qsd", tmp_path / "qsd", steps, args, setup)
+    if ours != theirs:
+        diff = difflib.unified_diff(theirs.decode(errors="replace").splitlines(),
+                                    ours.decode(errors="replace").splitlines(),
+                                    "qemu-storage-daemon", "qsd", lineterm="")
+        pytest.fail("\n".join(diff))
