@@ -331,7 +331,14 @@ def report(results: list[Result], servers: list[Server], workloads: list[Workloa
     def med(wl, srv, attr):
         return median([getattr(r, attr) for r in by.get((wl, srv), []) if r.ok])
 
-    head = f"{'workload':<20} {'server':<7} {'MiB/s':>9} {'IOPS':>9} {'CPU s/GiB':>10} {'runs':>5}  note"
+    def spread(wl, srv):
+        xs = [r.mib_s for r in by.get((wl, srv), []) if r.ok]
+        if len(xs) < 2 or not statistics.median(xs):
+            return None
+        return 100.0 * (max(xs) - min(xs)) / statistics.median(xs)
+
+    head = (f"{'workload':<20} {'server':<7} {'MiB/s':>9} {'spread':>7} {'IOPS':>9} {'CPU s/GiB':>10} {'runs':>5}"
+            "  note")
     lines.append(head)
     lines.append("-" * len(head))
     for wl in workloads:
@@ -344,7 +351,9 @@ def report(results: list[Result], servers: list[Server], workloads: list[Workloa
                 note = bad[-1][:120]
             elif s.failed:
                 note = s.failed[:120]
+            sp = spread(wl.name, s.key)
             lines.append(f"{wl.name:<20} {s.label:<7} {fmt(med(wl.name, s.key, 'mib_s'), '9.1f')} "
+                         f"{'-' if sp is None else f'{sp:.0f}%':>7} "
                          f"{fmt(med(wl.name, s.key, 'iops'), '9.0f')} "
                          f"{fmt(med(wl.name, s.key, 'cpu_s_per_gib'), '10.3f')} "
                          f"{len(ok):>2}/{rounds:<2}  {note}")
@@ -363,7 +372,8 @@ def report(results: list[Result], servers: list[Server], workloads: list[Workloa
             cpu = [ratio(med(wl.name, a, "cpu_s_per_gib"), med(wl.name, b, "cpu_s_per_gib")) for a, b in pairs]
             lines.append(f"{wl.name:<20} " + " ".join(f"{t:>16}" for t in thr) + "  "
                          + " ".join(f"{c:>20}" for c in cpu))
-        lines.append("(thr: throughput ratio, higher is better for the first; cpu/GiB: server CPU per GiB moved, "
+        lines.append("(spread: (max - min) / median of MiB/s over rounds; "
+                     "thr: throughput ratio, higher is better for the first; cpu/GiB: server CPU per GiB moved, "
                      "lower is better for the first)")
     return "\n".join(lines)
 
