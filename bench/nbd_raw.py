@@ -104,11 +104,21 @@ SERVER_CLASSES = {"qemu": (QemuSD, "QSD"), "nbdkit": (Nbdkit, "nbdkit"), "qsd": 
 
 def tool_version(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=server_env())
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unavailable ({e})"
     text = (out.stdout or out.stderr).strip().splitlines()
     return text[0] if text and out.returncode == 0 else f"unavailable (exit {out.returncode}: {' '.join(text)[:200]})"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def server_env() -> dict:
+    """The environment for servers: ``python -m qsd`` imports qsd from this checkout, whatever is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 class Running:
@@ -128,7 +138,7 @@ class Running:
             err.write(f"--- {' '.join(argv)}\n".encode())
             err.flush()
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         start_new_session=True, cwd=workdir)
+                                         start_new_session=True, cwd=workdir, env=server_env())
         self.pid = self.proc.pid
         deadline = time.monotonic() + start_timeout
         while True:

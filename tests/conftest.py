@@ -300,6 +300,8 @@ class Daemon:
         self.stderr_path = cwd / f"{name}.stderr"
         self._clients: list[RawQMP] = []
         full_env = dict(os.environ)
+        # ``python -m qsd`` must run the checkout under test, not whatever editable install pip last made
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
         full_env.update(env or {})
         if stdio:
             stdin, stdout = subprocess.PIPE, subprocess.PIPE
