@@ -1,0 +1,753 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The NBD server: a thin asyncio layer over :mod:`qsd.export.nbd.protocol`.
+
+Listeners accept connections (holding back beyond ``max_connections``, as
+QSD does), each connection feeds its bytes to a sans-IO
+:class:`~qsd.export.nbd.protocol.ServerConnection` and carries out the
+requests it yields against the export's node, re-read from ``edge.child`` on
+every request because the graph may swap it.
+
+Data path (see ARCHITECTURE.md, "The data path"): the next request is parsed
+while earlier ones run; a read whose range the node maps into a host file is
+served inline with ``preadv(RWF_NOWAIT)`` into a pooled buffer that already
+has room for the reply header, so header and data leave in one write; only a
+page-cache miss goes to a small thread pool, which drains every waiting read
+per hop. Holes found by block status become hole chunks without disk reads.
+Every reply is handed to the transport whole, so replies never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from qsd.export.nbd.contexts import (
+    BASE_ALLOCATION,
+    MAX_EXTENTS,
+    MetaContext,
+    clamp_extents,
+)
+from qsd.export.nbd.protocol import (
+    DATA_CHUNK_HEADER_SIZE,
+    NBD_EIO,
+    SIMPLE_HEADER_SIZE,
+    Cmd,
+    CmdFlag,
+    Disconnect,
+    ProtocolError,
+    Request,
+    ServerConnection,
+    StartTLS,
+    TransmissionStarted,
+    block_status_chunk,
+    hole_chunk,
+    nbd_errno,
+    none_chunk,
+    pack_data_chunk_header,
+    pack_simple_header,
+    simple_reply,
+)
+from qsd.qmp.errors import GenericError
+
+if TYPE_CHECKING:
+    from qsd.block.node import Node
+
+log = logging.getLogger("qsd.export.nbd")
+
+#: Structured reads at least this long look for holes first (hole chunks
+#: save the disk reads and the bytes on the wire); shorter ones just read.
+HOLE_SCAN_MIN = 256 * 1024
+#: Per connection: stop reading requests while this many payload bytes
+#: (read buffers and write data) are in flight ...
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+#: ... or this many requests are.
+MAX_INFLIGHT_REQUESTS = 256
+LISTEN_BACKLOG = 128
+
+
+@dataclass
+class NBDExportConfig:
+    """What ``add_export`` serves.
+
+    ``edge.child`` is the node, looked up again for every request.
+    ``contexts`` are metadata contexts offered besides ``base:allocation``.
+    ``on_last_client`` runs when the export's last connected client leaves.
+    """
+
+    name: str
+    edge: Any
+    description: str = ""
+    writable: bool = False
+    contexts: list[MetaContext] = field(default_factory=list)
+    on_last_client: Callable[[], None] | None = None
+
+
+class _Export:
+    """An export as the handshake sees it (protocol.ExportInfo) plus its clients."""
+
+    def __init__(self, cfg: NBDExportConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.description = cfg.description or ""
+        self.writable = cfg.writable
+        self.contexts: list[MetaContext] = [BASE_ALLOCATION, *cfg.contexts]
+        self.clients: set[_Client] = set()
+
+    @property
+    def size(self) -> int:
+        return int(self.cfg.edge.child.size)
+
+
+class _BufferPool:
+    """Reply buffers by power-of-two class, with room for a reply header.
+
+    A buffer comes back only once the transport holds no reference to it
+    (its write buffer is empty), so reuse never races the socket.
+    """
+
+    _HEADROOM = 32
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, per_class: int = 32) -> None:
+        self._free: dict[int, list[bytearray]] = collections.defaultdict(list)
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._per_class = per_class
+
+    @staticmethod
+    def _class(length: int) -> int:
+        return 1 << max(12, (length - 1).bit_length())
+
+    def get(self, length: int) -> bytearray:
+        free = self._free.get(self._class(length))
+        if free:
+            buf = free.pop()
+            self._bytes -= len(buf)
+            return buf
+        return bytearray(self._class(length) + self._HEADROOM)
+
+    def put(self, buf: bytearray) -> None:
+        cls = len(buf) - self._HEADROOM
+        free = self._free[cls]
+        if len(free) < self._per_class and self._bytes + len(buf) <= self._max_bytes:
+            free.append(buf)
+            self._bytes += len(buf)
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    """Blocking read of all of ``view``; past the end of the file reads zeroes."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            view[done:] = bytes(len(view) - done)
+            return
+        done += n
+
+
+class _ReadPool:
+    """Blocking reads for page-cache misses, off the event loop.
+
+    At most ``workers`` pool jobs run; each drains every read queued so far,
+    so a burst of misses costs one thread hop rather than one per read.
+    """
+
+    def __init__(self, workers: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="qsd-nbd-read")
+        self._workers = workers
+        self._active = 0
+        self._queue: collections.deque[tuple[int, memoryview, int, asyncio.Future[None]]] = \
+            collections.deque()
+
+    def pread(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.append((fd, view, offset, fut))
+        self._kick(loop)
+        return fut
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._queue and self._active < self._workers:
+            self._active += 1
+            self._executor.submit(self._drain, loop)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        done: list[tuple[asyncio.Future[None], OSError | None]] = []
+        while True:
+            try:
+                fd, view, offset, fut = self._queue.popleft()
+            except IndexError:
+                break
+            try:
+                _pread_full(fd, view, offset)
+                done.append((fut, None))
+            except OSError as e:
+                done.append((fut, e))
+        loop.call_soon_threadsafe(self._finish, loop, done)
+
+    def _finish(self, loop: asyncio.AbstractEventLoop,
+                done: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
+        self._active -= 1
+        for fut, exc in done:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+        self._kick(loop)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+class _Client(asyncio.BufferedProtocol):
+    """One connection: feeds the protocol and runs its requests."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.conn = ServerConnection(server._exports, tls=server.tls_creds is not None)
+        self.transport: asyncio.Transport | None = None
+        self.export: _Export | None = None
+        self.contexts: list[tuple[int, MetaContext]] = []
+        self.structured = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight_bytes = 0
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost = False
+        self._closing = False
+        self._read_paused = False
+        self._write_paused = False
+
+    # ----- transport callbacks ------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)   # uvloop's are not subclasses
+        self.server._clients.add(self)
+        self.transport.write(self.conn.greeting())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.conn.buffer_updated(nbytes)
+        except ProtocolError:
+            return
+        for ev in events:
+            kind = type(ev)
+            if kind is Request:
+                self._dispatch(ev)          # type: ignore[arg-type]
+            elif kind is bytes:
+                self._send(ev)              # type: ignore[arg-type]
+            elif kind is TransmissionStarted:
+                self._started(ev)           # type: ignore[arg-type]
+            elif kind is Disconnect:
+                self._disconnect(ev)        # type: ignore[arg-type]
+            elif kind is StartTLS:
+                self._spawn(self._start_tls(), 0)
+        self._flow()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.conn.close()
+        self._maybe_finished()
+
+    # ----- plumbing --------------------------------------------------------
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.write(data)
+
+    def _sendv(self, chunks: list[bytes | memoryview]) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.writelines(chunks)
+
+    def _flow(self) -> None:
+        """Read more requests only while little is in flight and the
+        client keeps up with our replies."""
+        if self.transport is None or self._lost:
+            return
+        busy = (self._write_paused or self._closing or len(self.tasks) >= MAX_INFLIGHT_REQUESTS
+                or self.inflight_bytes >= MAX_INFLIGHT_BYTES)
+        if busy and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+        elif not busy and self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _spawn(self, coro: Any, nbytes: int) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        self.inflight_bytes += nbytes
+        task.add_done_callback(lambda t: self._task_done(t, nbytes))
+
+    def _task_done(self, task: asyncio.Task[None], nbytes: int) -> None:
+        self.tasks.discard(task)
+        self.inflight_bytes -= nbytes
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD request failed", exc_info=task.exception())
+        if self._closing and not self.tasks and self.transport is not None:
+            self.transport.close()
+        self._flow()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        """A connection is gone once its socket closed and its requests ended."""
+        if not self._lost or self.tasks or self.finished.done():
+            return
+        self.finished.set_result(None)
+        self.server._client_gone(self)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def _started(self, ev: TransmissionStarted) -> None:
+        export = ev.export
+        assert isinstance(export, _Export)
+        self.export = export
+        self.structured = ev.structured
+        self.contexts = ev.contexts         # type: ignore[assignment]
+        export.clients.add(self)
+
+    def _disconnect(self, ev: Disconnect) -> None:
+        if ev.reason is not None:
+            if ev.handshake:
+                log.warning("option negotiation failed: %s", ev.reason)
+            else:
+                log.warning("Disconnect client, due to: %s", ev.reason)
+        self._closing = True
+        if not self.tasks and self.transport is not None:
+            self.transport.close()
+
+    async def _start_tls(self) -> None:
+        """Upgrade after the STARTTLS ACK; failure ends the connection."""
+        assert self.transport is not None and self.server.tls_creds is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, self.server.tls_creds,
+                                             server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.warning("option negotiation failed: TLS handshake failed: %s", e)
+            self.abort()
+            return
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn.tls_started()
+
+    # ----- requests ---------------------------------------------------
+    def _dispatch(self, req: Request) -> None:
+        if req.type == Cmd.READ:
+            if self._read_inline(req):
+                return
+            self._spawn(self._handle(req), req.length)
+        elif req.type == Cmd.WRITE:
+            self._spawn(self._handle(req), req.length)
+        else:
+            self._spawn(self._handle(req), 0)
+
+    def _read_inline(self, req: Request) -> bool:
+        """Serve a read from the page cache without leaving this callback.
+
+        Returns False when the read needs the slow path (unmapped range,
+        hole scan, errors); a partial cache hit finishes in the pool.
+        """
+        assert self.export is not None
+        length = req.length
+        if self.structured:
+            if length >= HOLE_SCAN_MIN and not req.flags & CmdFlag.DF:
+                return False
+            hdr = DATA_CHUNK_HEADER_SIZE
+        else:
+            hdr = SIMPLE_HEADER_SIZE
+        if not length:
+            self._send(none_chunk(req.handle) if self.structured else simple_reply(req.handle))
+            return True
+        node = self.export.cfg.edge.child
+        mapping = node.host_extent(req.offset, length)
+        if mapping is None:
+            return False
+        fd, host_offset = mapping
+        pool = self.server._buffers
+        buf = pool.get(hdr + length)
+        view = memoryview(buf)[:hdr + length]
+        try:
+            n = os.preadv(fd, [view[hdr:]], host_offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            pool.put(buf)
+            return False
+        if n < length:
+            self._spawn(self._finish_read(req, buf, view, hdr, fd, host_offset, n), length)
+            return True
+        self._send_read(req, buf, view, hdr)
+        return True
+
+    def _send_read(self, req: Request, buf: bytearray, view: memoryview, hdr: int) -> None:
+        if hdr == SIMPLE_HEADER_SIZE:
+            pack_simple_header(view, req.handle)
+        else:
+            pack_data_chunk_header(view, 0, req.handle, req.offset, req.length, True)
+        self._send(view)
+        if self.transport is not None and not self.transport.get_write_buffer_size():
+            self.server._buffers.put(buf)
+
+    async def _finish_read(self, req: Request, buf: bytearray, view: memoryview, hdr: int,
+                           fd: int, host_offset: int, done: int) -> None:
+        try:
+            await self.server._reads.pread(fd, view[hdr + done:], host_offset + done)
+        except OSError as e:
+            self._send(self.conn.error_reply(req.handle, nbd_errno(e.errno), _strerror(e)))
+            return
+        self._send_read(req, buf, view, hdr)
+
+    async def _read_into(self, node: Node, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from the node: page cache first, pool on a miss,
+        the driver when the node does not map the range to a host file."""
+        mapping = node.host_extent(offset, len(view))
+        if mapping is not None:
+            fd, host_offset = mapping
+            try:
+                n = os.preadv(fd, [view], host_offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                if e.errno != errno.EINVAL:     # e.g. O_DIRECT alignment: use the driver
+                    raise
+                mapping = None
+            if mapping is not None:
+                if n < len(view):
+                    await self.server._reads.pread(fd, view[n:], host_offset + n)
+                return
+        await node.read_into(offset, view)
+
+    async def _handle(self, req: Request) -> None:
+        assert self.export is not None
+        node = self.export.cfg.edge.child
+        handle = req.handle
+        rtype = req.type
+        fua = bool(req.flags & CmdFlag.FUA)
+        try:
+            if rtype == Cmd.READ:
+                await self._read(node, req)
+                return
+            if rtype == Cmd.BLOCK_STATUS:
+                await self._block_status(node, req)
+                return
+            if rtype == Cmd.WRITE:
+                if req.length:
+                    assert req.data is not None
+                    await node.write(req.offset, req.data, fua)
+            elif rtype == Cmd.FLUSH:
+                await node.flush()
+            elif rtype == Cmd.TRIM:
+                if req.length:
+                    await node.discard(req.offset, req.length)
+                    if fua:
+                        await node.flush()
+            elif rtype == Cmd.WRITE_ZEROES:
+                if req.length:
+                    await node.write_zeroes(req.offset, req.length,
+                                            may_unmap=not req.flags & CmdFlag.NO_HOLE, fua=fua,
+                                            no_fallback=bool(req.flags & CmdFlag.FAST_ZERO))
+            elif rtype == Cmd.CACHE:
+                mapping = node.host_extent(req.offset, req.length) if req.length else None
+                if mapping is not None:
+                    os.posix_fadvise(mapping[0], mapping[1], req.length, os.POSIX_FADV_WILLNEED)
+            self._send(simple_reply(handle))
+        except OSError as e:
+            self._send(self.conn.error_reply(handle, nbd_errno(e.errno), _strerror(e)))
+        except Exception as e:  # a driver bug must not take the connection down
+            log.exception("NBD request %s failed", Cmd(rtype).name)
+            self._send(self.conn.error_reply(handle, NBD_EIO, str(e)))
+
+    async def _read(self, node: Node, req: Request) -> None:
+        if not req.length:
+            self._send(none_chunk(req.handle) if self.structured else simple_reply(req.handle))
+            return
+        if self.structured and not req.flags & CmdFlag.DF and req.length >= HOLE_SCAN_MIN:
+            await self._read_chunked(node, req)
+            return
+        hdr = DATA_CHUNK_HEADER_SIZE if self.structured else SIMPLE_HEADER_SIZE
+        buf = self.server._buffers.get(hdr + req.length)
+        view = memoryview(buf)[:hdr + req.length]
+        await self._read_into(node, req.offset, view[hdr:])
+        self._send_read(req, buf, view, hdr)
+
+    async def _read_chunked(self, node: Node, req: Request) -> None:
+        """Structured read as data and hole chunks following block status."""
+        segments: list[list[Any]] = []      # [offset, length, is_zero]
+        pos, end = req.offset, req.offset + req.length
+        while pos < end:
+            exts = await node.block_status(pos, end - pos)
+            progressed = False
+            for ext in exts:
+                if ext.offset != pos or ext.length <= 0:
+                    break
+                n = min(ext.length, end - pos)
+                if segments and segments[-1][2] == ext.zero:
+                    segments[-1][1] += n
+                else:
+                    segments.append([pos, n, ext.zero])
+                pos += n
+                progressed = True
+                if pos >= end:
+                    break
+            if not progressed:              # no usable status: read the rest as data
+                segments.append([pos, end - pos, False])
+                pos = end
+        chunks: list[bytes | memoryview] = []
+        last = len(segments) - 1
+        for i, (offset, length, zero) in enumerate(segments):
+            if zero:
+                chunks.append(hole_chunk(req.handle, offset, length, i == last))
+                continue
+            view = memoryview(bytearray(DATA_CHUNK_HEADER_SIZE + length))
+            await self._read_into(node, offset, view[DATA_CHUNK_HEADER_SIZE:])
+            pack_data_chunk_header(view, 0, req.handle, offset, length, i == last)
+            chunks.append(view)
+        if len(chunks) == 1:
+            self._send(chunks[0])
+        else:
+            self._sendv(chunks)
+
+    async def _block_status(self, node: Node, req: Request) -> None:
+        req_one = bool(req.flags & CmdFlag.REQ_ONE)
+        chunks: list[bytes | memoryview] = []
+        last = len(self.contexts) - 1
+        for i, (cid, ctx) in enumerate(self.contexts):
+            extents = await ctx.extents(node, req.offset, req.length,
+                                        1 if req_one else MAX_EXTENTS)
+            extents = clamp_extents(extents, req.length, req_one) or [(req.length, 0)]
+            chunks.append(block_status_chunk(req.handle, cid, extents, i == last))
+        self._sendv(chunks)
+
+
+def _strerror(e: OSError) -> str:
+    return e.strerror or os.strerror(e.errno or errno.EIO)
+
+
+class NBDServer:
+    """NBD server: listeners, exports by name and their connections.
+
+    ``tls_creds`` is the server-side :class:`ssl.SSLContext` built from the
+    daemon's tls-creds object; when set, clients must STARTTLS first.
+    """
+
+    def __init__(self, max_connections: int = 0,
+                 tls_creds: ssl.SSLContext | None = None) -> None:
+        self.max_connections = max_connections
+        self.tls_creds = tls_creds
+        self._exports: dict[str, _Export] = {}
+        self._clients: set[_Client] = set()
+        self._connections = 0
+        self._slot_freed = asyncio.Event()
+        self._listeners: list[socket.socket] = []
+        self._unix_paths: list[str] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._buffers = _BufferPool()
+        self._reads = _ReadPool()
+
+    # ----- listeners ----------------------------------------------------
+    async def start(self, addr: dict[str, Any]) -> None:
+        """Listen on a flat SocketAddress; errors carry QEMU's texts."""
+        socks = _listen(addr)
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            sock.setblocking(False)
+            self._listeners.append(sock)
+            self._accept_tasks.append(loop.create_task(self._accept_loop(sock)))
+        if addr.get("type") == "unix" and not addr.get("abstract"):
+            self._unix_paths.append(addr["path"])
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Where the listeners are bound (to learn an ephemeral port)."""
+        return [s.getsockname() for s in self._listeners]
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.max_connections and self._connections >= self.max_connections:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("NBD accept failed: %s", e)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            self._connections += 1
+            try:
+                await loop.connect_accepted_socket(lambda: _Client(self), conn)
+            except OSError:
+                conn.close()
+                self._connections -= 1
+
+    def _client_gone(self, client: _Client) -> None:
+        self._clients.discard(client)
+        self._connections -= 1
+        self._slot_freed.set()
+        export = client.export
+        if export is not None and client in export.clients:
+            export.clients.discard(client)
+            if not export.clients and export.cfg.on_last_client is not None:
+                export.cfg.on_last_client()
+
+    # ----- exports ------------------------------------------------------
+    def add_export(self, cfg: NBDExportConfig) -> None:
+        if cfg.name in self._exports:
+            raise GenericError(f"NBD server already has export named '{cfg.name}'")
+        self._exports[cfg.name] = _Export(cfg)
+
+    def has_export(self, name: str) -> bool:
+        return name in self._exports
+
+    def clients(self, name: str) -> int:
+        export = self._exports.get(name)
+        return len(export.clients) if export is not None else 0
+
+    async def remove_export(self, name: str) -> None:
+        """Unlist the export and drop its clients once their requests end."""
+        export = self._exports.pop(name, None)
+        if export is None:
+            return
+        clients = list(export.clients)
+        for client in clients:
+            client.abort()
+        if clients:
+            await asyncio.gather(*(c.finished for c in clients))
+
+    async def stop(self) -> None:
+        """Close the listeners and every connection."""
+        for task in self._accept_tasks:
+            task.cancel()
+        for task in self._accept_tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, OSError):
+                pass
+        self._accept_tasks.clear()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._unix_paths.clear()
+        clients = list(self._clients)
+        for client in clients:
+            client.abort()
+        if clients:
+            await asyncio.gather(*(c.finished for c in clients))
+        self._exports.clear()
+        self._reads.shutdown()
+
+
+def _listen(addr: dict[str, Any]) -> list[socket.socket]:
+    kind = addr.get("type")
+    if kind == "unix":
+        return [_listen_unix(addr)]
+    if kind == "inet":
+        return _listen_inet(addr)
+    if kind == "fd":
+        return [_listen_fd(str(addr["str"]))]
+    raise GenericError("Invalid parameter type for 'addr.type', expected: SocketAddressType")
+
+
+def _listen_unix(addr: dict[str, Any]) -> socket.socket:
+    path = addr["path"]
+    bind_to: str | bytes
+    if addr.get("abstract"):
+        name = b"\0" + path.encode()
+        bind_to = name if addr.get("tight", True) else name.ljust(108, b"\0")
+    else:
+        bind_to = path
+        try:
+            os.unlink(path)         # QEMU replaces whatever is at the path
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise GenericError(f"Failed to unlink socket {path}: {_strerror(e)}") from e
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(bind_to)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise GenericError(f"Failed to bind socket to {path}: {_strerror(e)}") from e
+    return sock
+
+
+def _listen_inet(addr: dict[str, Any]) -> list[socket.socket]:
+    host = addr.get("host") or None
+    port = str(addr.get("port", ""))
+    family = socket.AF_UNSPEC
+    if addr.get("ipv4") and not addr.get("ipv6"):
+        family = socket.AF_INET
+    elif addr.get("ipv6") and not addr.get("ipv4"):
+        family = socket.AF_INET6
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise GenericError(f"address resolution failed for {addr.get('host', '')}:{port}: "
+                           f"{e.strerror}") from e
+    socks: list[socket.socket] = []
+    last: OSError | None = None
+    for fam, stype, proto, _, sockaddr in infos:
+        sock = socket.socket(fam, stype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            last = e
+            continue
+        socks.append(sock)
+    if not socks:
+        reason = _strerror(last) if last is not None else "no address"
+        raise GenericError(f"Failed to find an available port: {reason}")
+    return socks
+
+
+def _listen_fd(text: str) -> socket.socket:
+    try:
+        fd = int(text)
+    except ValueError:
+        raise GenericError(f"Unable to parse FD number {text}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket")
+        sock = socket.socket(fileno=fd)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        raise GenericError(f"File descriptor '{text}' is not a socket") from None
+    return sock
+
