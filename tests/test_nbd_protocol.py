@@ -11,10 +11,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd.export.nbd.protocol import (
-    IHAVEOPT, MAX_OPTION_BUFFER, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW, NBD_EPERM,
-    Cmd, CmdFlag, Disconnect, Opt, ProtocolError, Rep, Request, ServerConnection, StartTLS,
-    TransmissionStarted, block_status_chunk, error_chunk, match_contexts, simple_reply,
-    transmission_flags)
+    IHAVEOPT,
+    MAX_OPTION_BUFFER,
+    NBD_EINVAL,
+    NBD_ENOSPC,
+    NBD_EOVERFLOW,
+    NBD_EPERM,
+    Cmd,
+    CmdFlag,
+    Disconnect,
+    Opt,
+    ProtocolError,
+    Rep,
+    Request,
+    ServerConnection,
+    StartTLS,
+    TransmissionStarted,
+    block_status_chunk,
+    error_chunk,
+    match_contexts,
+    simple_reply,
+    transmission_flags,
+)
 
 SIZE = 1 << 20
 
@@ -167,7 +185,7 @@ def test_info_errors() -> None:
 
 
 def test_go_enters_transmission_with_df_when_structured() -> None:
-    conn, started = negotiated(b"ro")
+    _conn, started = negotiated(b"ro")
     assert started.flags == 0x58F and started.structured
     assert started.export.name == "ro" and started.contexts == []
     _, started = negotiated(b"rw", structured=False)
@@ -275,8 +293,8 @@ def test_set_meta_context() -> None:
     conn = connect()
     replies = parse_replies(conn.receive_data(opt(Opt.SET_META_CONTEXT,
                                                   meta_data(b"ro", b"base:allocation"))))
-    assert replies == [(10, Rep.ERR_INVALID, b"request option 'set meta context' when "
-                                             b"structured reply is not negotiated")]
+    assert replies == [(10, Rep.ERR_INVALID, (b"request option 'set meta context' when "
+                                             b"structured reply is not negotiated"))]
     conn.receive_data(opt(Opt.STRUCTURED_REPLY))
     replies = parse_replies(conn.receive_data(opt(Opt.SET_META_CONTEXT, meta_data(
         b"ro", b"qemu:dirty-bitmap:b0", b"base:", b"base:allocation", b"base:allocation"))))
@@ -335,6 +353,10 @@ def test_request_validation() -> None:
         NBD_EINVAL, b"operation past EOF; From: 1048064, Len: 1024, Size: 1048576")
     assert err(conn, req(Cmd.READ, 0, 512, CmdFlag.NO_HOLE)) == (
         NBD_EINVAL, b"unsupported flags for command read (got 0x2)")
+    assert err(conn, req(Cmd.READ, 0, 512, 0x40)) == (
+        NBD_EINVAL, b"unsupported flags for command read (got 0x40)")
+    assert err(conn, req(Cmd.FLUSH, 0, 0, 0x8000)) == (
+        NBD_EINVAL, b"unsupported flags for command flush (got 0x8000)")
     assert err(conn, req(Cmd.READ, 0, (32 << 20) + 1)) == (
         NBD_EOVERFLOW, b"len (33554433 ) is larger than max len (33554432)")
     assert err(conn, req(Cmd.BLOCK_STATUS, 0, 512)) == (

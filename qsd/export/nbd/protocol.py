@@ -187,8 +187,9 @@ _CMD_NAMES: dict[int, str] = {
     Cmd.BLOCK_STATUS: "block status",
 }
 
-#: Command flags each request accepts (FUA is valid on every command).
-_ALLOWED_FLAGS = {
+#: Command flags each request accepts (FUA is valid on every command), as
+#: plain ints: inverting an IntFlag would drop the undefined bits.
+_ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA,
     Cmd.DISC: CmdFlag.FUA,
@@ -198,6 +199,7 @@ _ALLOWED_FLAGS = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
+_ALLOWED_FLAGS = {cmd: int(flags) for cmd, flags in _ALLOWED_FLAGS.items()}
 _MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 #: Commands whose length is bounded by MAX_PAYLOAD (they carry it on the wire).
 _PAYLOAD_LIMITED = frozenset((Cmd.READ, Cmd.WRITE))
@@ -834,11 +836,11 @@ class ServerConnection:
     def _validate(self, flags: int, rtype: int, offset: int,
                   length: int) -> tuple[int, str] | None:
         """(error, message) for a request to refuse, else None."""
-        allowed = _ALLOWED_FLAGS.get(rtype)  # type: ignore[call-overload]
+        allowed = _ALLOWED_FLAGS.get(rtype)
         if allowed is None:
             return NBD_EINVAL, f"invalid request type ({rtype}) received"
         if not self.structured:
-            allowed &= ~CmdFlag.DF
+            allowed &= ~int(CmdFlag.DF)
         if flags & ~allowed:
             return NBD_EINVAL, (f"unsupported flags for command {_CMD_NAMES[rtype]} "
                                 f"(got 0x{flags:x})")
