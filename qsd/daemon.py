@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from qsd.block.drivers import load_drivers
 from qsd.block.graph import Graph
 from qsd.export.manager import ExportManager
 from qsd.objects import ObjectRegistry
@@ -31,6 +32,7 @@ log = logging.getLogger("qsd")
 class Daemon:
     def __init__(self) -> None:
         load_commands()
+        load_drivers()
         self.schema = get_schema()
         self.graph = Graph()
         self.objects = ObjectRegistry()

@@ -1,0 +1,17 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Every driver module, imported once so that each registers itself."""
+
+from __future__ import annotations
+
+import importlib
+
+DRIVER_MODULES = (
+    "qsd.block.protocols.file",
+    "qsd.block.protocols.null",
+    "qsd.block.formats.raw",
+)
+
+
+def load_drivers() -> None:
+    for name in DRIVER_MODULES:
+        importlib.import_module(name)
