@@ -27,6 +27,8 @@ class NullCoNode(Node):
     """Answers every request at once (after ``latency-ns``)."""
 
     driver = "null-co"
+    #: QEMU's null driver answers no get_info, so no dirty-flag is shown.
+    reports_dirty_flag = False
 
     async def open(self, options: dict[str, Any]) -> None:
         latency = options.get("latency-ns", 0)
