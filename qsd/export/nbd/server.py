@@ -73,6 +73,9 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 #: ... or this many requests are.
 MAX_INFLIGHT_REQUESTS = 256
 LISTEN_BACKLOG = 128
+#: Without a native writev, replies queued together are joined up to this
+#: size and written one by one beyond it.
+_JOIN_MAX = 256 * 1024
 
 
 @dataclass
@@ -111,23 +114,31 @@ class _Export:
 class _BufferPool:
     """Reply buffers by power-of-two class, with room for a reply header.
 
-    A buffer comes back only once the transport holds no reference to it
-    (its write buffer is empty), so reuse never races the socket.
+    A buffer handed to the transport comes back through :meth:`put` at once
+    but is reused only once nothing else holds a view of it: resizing a
+    bytearray with live exports raises BufferError, which is the probe.
+    (asyncio copies what it cannot send at once; uvloop keeps a view until
+    the data is written.)
     """
 
     _HEADROOM = 32
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024, per_class: int = 32) -> None:
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, per_class: int = 16,
+                 max_busy: int = 256) -> None:
         self._free: dict[int, list[bytearray]] = collections.defaultdict(list)
+        self._busy: collections.deque[bytearray] = collections.deque()
         self._bytes = 0
         self._max_bytes = max_bytes
         self._per_class = per_class
+        self._max_busy = max_busy
 
     @staticmethod
     def _class(length: int) -> int:
         return 1 << max(12, (length - 1).bit_length())
 
     def get(self, length: int) -> bytearray:
+        """A buffer of at least ``length`` bytes (contents undefined)."""
+        self._reclaim()
         free = self._free.get(self._class(length))
         if free:
             buf = free.pop()
@@ -136,11 +147,24 @@ class _BufferPool:
         return bytearray(self._class(length) + self._HEADROOM)
 
     def put(self, buf: bytearray) -> None:
-        cls = len(buf) - self._HEADROOM
-        free = self._free[cls]
-        if len(free) < self._per_class and self._bytes + len(buf) <= self._max_bytes:
-            free.append(buf)
-            self._bytes += len(buf)
+        """Take ``buf`` back once its reply has been handed on."""
+        if len(self._busy) >= self._max_busy:
+            self._busy.popleft()
+        self._busy.append(buf)
+
+    def _reclaim(self) -> None:
+        busy = self._busy
+        while busy:
+            buf = busy[0]
+            try:
+                buf.append(buf.pop())       # raises while a view is alive
+            except BufferError:
+                return
+            busy.popleft()
+            free = self._free[len(buf) - self._HEADROOM]
+            if len(free) < self._per_class and self._bytes + len(buf) <= self._max_bytes:
+                free.append(buf)
+                self._bytes += len(buf)
 
 
 def _pread_full(fd: int, view: memoryview, offset: int) -> None:
@@ -226,10 +250,16 @@ class _Client(asyncio.BufferedProtocol):
         self._closing = False
         self._read_paused = False
         self._write_paused = False
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._native_writev = False
 
     # ----- transport callbacks ------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's are not subclasses
+        self._native_writev = (type(self.transport).writelines
+                               is not asyncio.WriteTransport.writelines)
         self.server._clients.add(self)
         self.transport.write(self.conn.greeting())
 
@@ -253,6 +283,8 @@ class _Client(asyncio.BufferedProtocol):
                 self._disconnect(ev)        # type: ignore[arg-type]
             elif kind is StartTLS:
                 self._spawn(self._start_tls(), 0)
+        if self._out:
+            self._flush()
         self._flow()
 
     def eof_received(self) -> bool | None:
@@ -273,12 +305,34 @@ class _Client(asyncio.BufferedProtocol):
 
     # ----- plumbing --------------------------------------------------------
     def _send(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._lost and self.transport is not None:
-            self.transport.write(data)
+        """Queue one whole reply; replies queued in one loop iteration leave
+        together (one writev where the transport has it)."""
+        if self._lost:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _sendv(self, chunks: list[bytes | memoryview]) -> None:
-        if not self._lost and self.transport is not None:
-            self.transport.writelines(chunks)
+        for chunk in chunks:
+            self._send(chunk)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        size, self._out_bytes = self._out_bytes, 0
+        transport = self.transport
+        if not out or transport is None or self._lost:
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+        elif self._native_writev or size <= _JOIN_MAX:
+            transport.writelines(out)
+        else:                   # a joining writelines would copy big payloads
+            for data in out:
+                transport.write(data)
 
     def _flow(self) -> None:
         """Read more requests only while little is in flight and the
@@ -306,6 +360,7 @@ class _Client(asyncio.BufferedProtocol):
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request failed", exc_info=task.exception())
         if self._closing and not self.tasks and self.transport is not None:
+            self._flush()
             self.transport.close()
         self._flow()
         self._maybe_finished()
@@ -337,11 +392,13 @@ class _Client(asyncio.BufferedProtocol):
                 log.warning("Disconnect client, due to: %s", ev.reason)
         self._closing = True
         if not self.tasks and self.transport is not None:
+            self._flush()
             self.transport.close()
 
     async def _start_tls(self) -> None:
         """Upgrade after the STARTTLS ACK; failure ends the connection."""
         assert self.transport is not None and self.server.tls_creds is not None
+        self._flush()                       # the ACK goes out in clear text
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(self.transport, self, self.server.tls_creds,
@@ -408,8 +465,7 @@ class _Client(asyncio.BufferedProtocol):
         else:
             pack_data_chunk_header(view, 0, req.handle, req.offset, req.length, True)
         self._send(view)
-        if self.transport is not None and not self.transport.get_write_buffer_size():
-            self.server._buffers.put(buf)
+        self.server._buffers.put(buf)
 
     async def _finish_read(self, req: Request, buf: bytearray, view: memoryview, hdr: int,
                            fd: int, host_offset: int, done: int) -> None:
@@ -515,20 +571,23 @@ class _Client(asyncio.BufferedProtocol):
             if not progressed:              # no usable status: read the rest as data
                 segments.append([pos, end - pos, False])
                 pos = end
+        pool = self.server._buffers
         chunks: list[bytes | memoryview] = []
+        bufs: list[bytearray] = []
         last = len(segments) - 1
         for i, (offset, length, zero) in enumerate(segments):
             if zero:
                 chunks.append(hole_chunk(req.handle, offset, length, i == last))
                 continue
-            view = memoryview(bytearray(DATA_CHUNK_HEADER_SIZE + length))
+            buf = pool.get(DATA_CHUNK_HEADER_SIZE + length)
+            view = memoryview(buf)[:DATA_CHUNK_HEADER_SIZE + length]
             await self._read_into(node, offset, view[DATA_CHUNK_HEADER_SIZE:])
             pack_data_chunk_header(view, 0, req.handle, offset, length, i == last)
             chunks.append(view)
-        if len(chunks) == 1:
-            self._send(chunks[0])
-        else:
-            self._sendv(chunks)
+            bufs.append(buf)
+        self._sendv(chunks)
+        for buf in bufs:
+            pool.put(buf)
 
     async def _block_status(self, node: Node, req: Request) -> None:
         req_one = bool(req.flags & CmdFlag.REQ_ONE)
