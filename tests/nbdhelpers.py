@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import datetime
 import errno
 import os
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -130,7 +132,8 @@ def edge(node: Node) -> SimpleNamespace:
 class ServerThread:
     """An NBDServer on a private event loop in a daemon thread."""
 
-    def __init__(self, max_connections: int = 0, use_uvloop: bool = False) -> None:
+    def __init__(self, max_connections: int = 0, use_uvloop: bool = False,
+                 tls_creds: ssl.SSLContext | None = None) -> None:
         if use_uvloop:
             import uvloop
             self.loop = uvloop.new_event_loop()
@@ -138,11 +141,11 @@ class ServerThread:
             self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server: NBDServer = self.call(self._make, max_connections)
+        self.server: NBDServer = self.call(self._make, max_connections, tls_creds)
 
     @staticmethod
-    async def _make(max_connections: int) -> NBDServer:
-        return NBDServer(max_connections=max_connections)
+    async def _make(max_connections: int, tls_creds: ssl.SSLContext | None) -> NBDServer:
+        return NBDServer(max_connections=max_connections, tls_creds=tls_creds)
 
     def call(self, fn: Callable[..., Awaitable[Any]], *args: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(fn(*args), self.loop).result(timeout)
@@ -179,6 +182,43 @@ def serve(tmp_path: Any, **kw: Any) -> Iterator[tuple[ServerThread, str]]:
         yield srv, sock
     finally:
         srv.close()
+
+
+def make_x509(directory: Any) -> ssl.SSLContext:
+    """A CA and a server certificate for "localhost" in ``directory`` (as
+    libnbd's tls-certificates and QEMU's tls-creds-x509 dir=... expect:
+    ca-cert.pem, server-cert.pem, server-key.pem) and a server context."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(name: str, ca: bool, issuer: Any = None, issuer_key: Any = None) -> Any:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .issuer_name(issuer or subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        return key, builder.sign(issuer_key or key, hashes.SHA256())
+
+    ca_key, ca_cert = cert("qsd test CA", True)
+    key, crt = cert("localhost", False, ca_cert.subject, ca_key)
+    pem = serialization.Encoding.PEM
+    (directory / "ca-cert.pem").write_bytes(ca_cert.public_bytes(pem))
+    (directory / "server-cert.pem").write_bytes(crt.public_bytes(pem))
+    (directory / "server-key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(directory / "server-cert.pem", directory / "server-key.pem")
+    return ctx
 
 
 def uri(sock: str, name: str) -> str:

@@ -25,6 +25,7 @@ from nbdhelpers import (
     RawClient,
     ServerThread,
     import_libnbd,
+    make_x509,
     serve,
     uri,
 )
@@ -420,6 +421,40 @@ def test_node_is_looked_up_per_request(tmp_path: Path, image: Path) -> None:
         cfg.edge.child = FileNode(str(other), read_only=True)
         assert h.pread(4, 0) == b"\x42" * 4
         h.shutdown()
+
+
+def test_tls(tmp_path: Path, image: Path, loop_kind: str) -> None:
+    """With a TLS context the server insists on STARTTLS (FORCEDTLS, refusing
+    options before it as QSD does), and libnbd and QEMU get through it."""
+    certs = tmp_path / "pki"
+    certs.mkdir()
+    ctx = make_x509(certs)
+    srv = ServerThread(use_uvloop=loop_kind == "uvloop", tls_creds=ctx)
+    sock = str(tmp_path / "tls.sock")
+    try:
+        srv.start({"type": "unix", "path": sock})
+        srv.add("x", FileNode(str(image), read_only=True))
+        plain = run("nbdinfo", uri(sock, "x"), check=False)
+        assert plain.returncode == 1
+        assert "opt_go request: Operation not supported for export: x" in plain.stderr
+        client = RawClient(sock)
+        client.option(3)
+        assert client.option_replies() == [(3, 0x80000005, b"Option 0x3 not permitted before TLS")]
+        client.close()
+        tls_uri = f"nbds+unix:///x?socket={sock}&tls-certificates={certs}"
+        assert run("nbdinfo", "--map", tls_uri).stdout.splitlines()[:2] == [
+            "         0     1048576    0  data", "   1048576     3145728    3  hole,zero"]
+        out = tmp_path / "copy.raw"
+        run("nbdcopy", "--connections=4", "--requests=1", tls_uri, str(out))
+        assert out.read_bytes() == image.read_bytes()
+        assert "identical" in run(
+            "qemu-img", "compare", "--object",
+            f"tls-creds-x509,id=tls0,dir={certs},endpoint=client",
+            f"driver=raw,file.driver=file,file.filename={image}", "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={sock},export=x,tls-creds=tls0,"
+            "tls-hostname=localhost").stdout
+    finally:
+        srv.close()
 
 
 # ----- listeners, connections, life cycle -----------------------------------

@@ -497,7 +497,8 @@ class ServerConnection:
         return out
 
     def tls_started(self) -> None:
-        """The TLS handshake succeeded: forget what was negotiated before."""
+        """The connection now belongs to the TLS layer: forget what was
+        negotiated before and read options again (decrypted)."""
         self.tls_active = True
         self.structured = False
         self._meta_export = None

@@ -254,6 +254,7 @@ class _Client(asyncio.BufferedProtocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self._native_writev = False
+        self._tls_pending = False
 
     # ----- transport callbacks ------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,6 +283,14 @@ class _Client(asyncio.BufferedProtocol):
             elif kind is Disconnect:
                 self._disconnect(ev)        # type: ignore[arg-type]
             elif kind is StartTLS:
+                # The next bytes are the client's TLS hello, for the TLS
+                # layer; what it decrypts may reach us before _start_tls
+                # resumes, so the protocol must be waiting for it already.
+                assert self.transport is not None
+                self._flush()               # the ACK, in clear text
+                self.transport.pause_reading()
+                self.conn.tls_started()
+                self._tls_pending = True
                 self._spawn(self._start_tls(), 0)
         if self._out:
             self._flush()
@@ -321,6 +330,8 @@ class _Client(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._tls_pending:       # replies wait for the TLS transport
+            return
         out, self._out = self._out, []
         size, self._out_bytes = self._out_bytes, 0
         transport = self.transport
@@ -337,9 +348,9 @@ class _Client(asyncio.BufferedProtocol):
     def _flow(self) -> None:
         """Read more requests only while little is in flight and the
         client keeps up with our replies."""
-        if self.transport is None or self._lost:
+        if self.transport is None or self._lost or self._tls_pending:
             return
-        busy = (self._write_paused or self._closing or len(self.tasks) >= MAX_INFLIGHT_REQUESTS
+        busy = (self._write_paused or len(self.tasks) >= MAX_INFLIGHT_REQUESTS
                 or self.inflight_bytes >= MAX_INFLIGHT_BYTES)
         if busy and not self._read_paused:
             self._read_paused = True
@@ -398,7 +409,6 @@ class _Client(asyncio.BufferedProtocol):
     async def _start_tls(self) -> None:
         """Upgrade after the STARTTLS ACK; failure ends the connection."""
         assert self.transport is not None and self.server.tls_creds is not None
-        self._flush()                       # the ACK goes out in clear text
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(self.transport, self, self.server.tls_creds,
@@ -408,7 +418,9 @@ class _Client(asyncio.BufferedProtocol):
             self.abort()
             return
         self.transport = cast(asyncio.Transport, transport)
-        self.conn.tls_started()
+        self._tls_pending = False
+        self._flush()
+        self._flow()
 
     # ----- requests ---------------------------------------------------
     def _dispatch(self, req: Request) -> None:
