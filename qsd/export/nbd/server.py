@@ -11,9 +11,10 @@ Data path (see ARCHITECTURE.md, "The data path"): the next request is parsed
 while earlier ones run; a read whose range the node maps into a host file is
 served inline with ``preadv(RWF_NOWAIT)`` into a pooled buffer that already
 has room for the reply header, so header and data leave in one write; only a
-page-cache miss goes to a small thread pool, which drains every waiting read
-per hop. Holes found by block status become hole chunks without disk reads.
-Every reply is handed to the transport whole, so replies never interleave.
+page-cache miss goes to the shared block I/O pool (:mod:`qsd.block.aio`).
+Holes found by block status become hole chunks without disk reads. Every
+reply is handed to the transport whole, so replies never interleave, and
+replies queued in one loop iteration leave in one writev.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from qsd.block.aio import run_blocking
 from qsd.export.nbd.contexts import (
     BASE_ALLOCATION,
     MAX_EXTENTS,
@@ -176,61 +177,6 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> None:
             view[done:] = bytes(len(view) - done)
             return
         done += n
-
-
-class _ReadPool:
-    """Blocking reads for page-cache misses, off the event loop.
-
-    At most ``workers`` pool jobs run; each drains every read queued so far,
-    so a burst of misses costs one thread hop rather than one per read.
-    """
-
-    def __init__(self, workers: int = 4) -> None:
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="qsd-nbd-read")
-        self._workers = workers
-        self._active = 0
-        self._queue: collections.deque[tuple[int, memoryview, int, asyncio.Future[None]]] = \
-            collections.deque()
-
-    def pread(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._queue.append((fd, view, offset, fut))
-        self._kick(loop)
-        return fut
-
-    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._queue and self._active < self._workers:
-            self._active += 1
-            self._executor.submit(self._drain, loop)
-
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        done: list[tuple[asyncio.Future[None], OSError | None]] = []
-        while True:
-            try:
-                fd, view, offset, fut = self._queue.popleft()
-            except IndexError:
-                break
-            try:
-                _pread_full(fd, view, offset)
-                done.append((fut, None))
-            except OSError as e:
-                done.append((fut, e))
-        loop.call_soon_threadsafe(self._finish, loop, done)
-
-    def _finish(self, loop: asyncio.AbstractEventLoop,
-                done: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
-        self._active -= 1
-        for fut, exc in done:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(exc)
-        self._kick(loop)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False)
 
 
 class _Client(asyncio.BufferedProtocol):
@@ -482,7 +428,7 @@ class _Client(asyncio.BufferedProtocol):
     async def _finish_read(self, req: Request, buf: bytearray, view: memoryview, hdr: int,
                            fd: int, host_offset: int, done: int) -> None:
         try:
-            await self.server._reads.pread(fd, view[hdr + done:], host_offset + done)
+            await run_blocking(_pread_full, fd, view[hdr + done:], host_offset + done)
         except OSError as e:
             self._send(self.conn.error_reply(req.handle, nbd_errno(e.errno), _strerror(e)))
             return
@@ -504,7 +450,7 @@ class _Client(asyncio.BufferedProtocol):
                 mapping = None
             if mapping is not None:
                 if n < len(view):
-                    await self.server._reads.pread(fd, view[n:], host_offset + n)
+                    await run_blocking(_pread_full, fd, view[n:], host_offset + n)
                 return
         await node.read_into(offset, view)
 
@@ -636,7 +582,6 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._buffers = _BufferPool()
-        self._reads = _ReadPool()
 
     # ----- listeners ----------------------------------------------------
     async def start(self, addr: dict[str, Any]) -> None:
@@ -735,7 +680,6 @@ class NBDServer:
         if clients:
             await asyncio.gather(*(c.finished for c in clients))
         self._exports.clear()
-        self._reads.shutdown()
 
 
 def _listen(addr: dict[str, Any]) -> list[socket.socket]:
