@@ -395,6 +395,17 @@ def test_driver_errors_reach_the_client(tmp_path: Path, image: Path) -> None:
         assert e.value.errno == "ENOSPC"
         assert h.pread(512, 512) == b"\x5a" * 512
         h.shutdown()
+        # a structured read that fails part way keeps the chunks before it
+        srv.add("late", FailingNode(str(image), fail_from=4 * MiB + 100))
+        raw = RawClient(sock)
+        raw.go(b"late")
+        raw.request(0, 0, 8 * MiB, handle=5)
+        chunks = raw.reply()
+        assert [(flags, ctype) for flags, ctype, _, _ in chunks] == [(0, 1), (0, 2), (1, 0x8002)]
+        assert struct.unpack(">QI", chunks[1][3]) == (MiB, 3 * MiB)
+        error, mlen = struct.unpack_from(">IH", chunks[2][3])
+        assert (error, chunks[2][3][6:6 + mlen]) == (5, b"Input/output error")
+        assert struct.unpack(">Q", chunks[2][3][-8:]) == (4 * MiB,)
 
 
 def test_page_cache_miss_goes_through_the_pool(tmp_path: Path, image: Path) -> None:

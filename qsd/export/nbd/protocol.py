@@ -14,7 +14,7 @@ their final buffer without an extra copy. Each call returns a list of events:
 * ``bytes``: data to send as one unit (handshake replies, error replies);
 * :class:`TransmissionStarted`: the client chose an export;
 * :class:`Request`: a validated transmission request to carry out;
-* :class:`StartTLS`: upgrade the connection, then call ``tls_started()``;
+* :class:`StartTLS`: hand the socket to TLS and call ``tls_started()``;
 * :class:`Disconnect`: close the connection (``reason`` None when the client
   asked to, else the log line's text).
 
@@ -285,7 +285,8 @@ class TransmissionStarted:
 
 @dataclass(slots=True)
 class StartTLS:
-    """The ACK for NBD_OPT_STARTTLS went out: upgrade, then ``tls_started()``."""
+    """The ACK for NBD_OPT_STARTTLS is queued: send it, hand the socket to
+    TLS and call ``tls_started()`` before any decrypted byte comes in."""
 
 
 @dataclass(slots=True)

@@ -51,6 +51,7 @@ from qsd.export.nbd.protocol import (
     StartTLS,
     TransmissionStarted,
     block_status_chunk,
+    error_chunk,
     hole_chunk,
     nbd_errno,
     none_chunk,
@@ -539,7 +540,11 @@ class _Client(asyncio.BufferedProtocol):
                 continue
             buf = pool.get(DATA_CHUNK_HEADER_SIZE + length)
             view = memoryview(buf)[:DATA_CHUNK_HEADER_SIZE + length]
-            await self._read_into(node, offset, view[DATA_CHUNK_HEADER_SIZE:])
+            try:
+                await self._read_into(node, offset, view[DATA_CHUNK_HEADER_SIZE:])
+            except OSError as e:        # what was read so far stays valid
+                chunks.append(error_chunk(req.handle, nbd_errno(e.errno), _strerror(e), offset))
+                break
             pack_data_chunk_header(view, 0, req.handle, offset, length, i == last)
             chunks.append(view)
             bufs.append(buf)
