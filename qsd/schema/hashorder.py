@@ -2,11 +2,12 @@
 """Key orders that QEMU's data structures impose on what users see.
 
 QEMU keeps JSON objects in a QDict (512 hash buckets, newest entry first
-within a bucket), and its input visitor tracks the not-yet-visited keys of
-an object in a GLib hash table.  Two observable things follow from that and
-have to be reproduced bit for bit:
+within a bucket; see ``qsd.qmp.keyorder``), and its input visitor tracks
+the not-yet-visited keys of an object in a GLib hash table.  Two observable
+things follow from that and have to be reproduced bit for bit:
 
-* the member order of every JSON object QEMU prints (``qdict_order``), and
+* the order in which QEMU walks an object's keys (``qdict_order``: the
+  keyval list checks, introspection entries), and
 * which key is named when several arguments are unexpected
   (``first_unvisited``): the first one in the hash table's slot order after
   the visited members were removed, resizes included.
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from qsd.qmp.keyorder import bucket
+
 _MASK32 = 0xFFFFFFFF
-_QDICT_BUCKETS = 512
 # Largest prime below 2**shift, per table size (GLib's modulus table).
 _PRIME_MOD = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191,
               16381, 32749, 65521, 131071, 262139, 524287, 1048573)
@@ -29,19 +31,10 @@ _UNUSED = 0
 _TOMBSTONE = 1
 
 
-def _qdict_bucket(key: str) -> int:
-    """The QDict bucket of a key (the tdb hash QEMU uses, modulo 512)."""
-    data = key.encode()
-    value = (0x238F13AF * len(data)) & _MASK32
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & _MASK32
-    return ((1103515243 * value + 12345) & _MASK32) % _QDICT_BUCKETS
-
-
 def qdict_order(keys: Sequence[str]) -> list[str]:
     """Return ``keys`` (given in insertion order) in QDict iteration order."""
     position = {key: i for i, key in enumerate(keys)}
-    return sorted(keys, key=lambda k: (_qdict_bucket(k), -position[k]))
+    return sorted(keys, key=lambda k: (bucket(k), -position[k]))
 
 
 def _str_hash(key: str) -> int:
