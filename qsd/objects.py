@@ -7,10 +7,18 @@ import re
 from typing import Any
 
 from qsd.crypto.secret import Secret
-from qsd.qmp.errors import GenericError
+from qsd.qmp.errors import DeviceNotFound, GenericError
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 INT64_MAX = (1 << 63) - 1
+
+#: Readable properties per object type and the value QEMU shows when unset.
+QOM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "secret": {"loaded": True, "format": "raw", "data": "", "file": "", "keyid": "",
+               "iv": ""},
+    "iothread": {"poll-max-ns": 32768, "poll-grow": 0, "poll-shrink": 0,
+                 "aio-max-batch": 0, "thread-pool-min": 0, "thread-pool-max": 64},
+}
 
 
 class IOThread:
@@ -49,6 +57,20 @@ class ObjectRegistry:
         if oid not in self.objects:
             raise GenericError(f"object '{oid}' not found")
         del self.objects[oid]
+
+    def qom_get(self, path: str, prop: str) -> Any:
+        """qom-get for objects under /objects (the only QOM tree qsd has)."""
+        if path == "/objects" and prop == "type":
+            return "container"
+        obj = self.objects.get(path[len("/objects/"):]) if path.startswith("/objects/") else None
+        if obj is None:
+            raise DeviceNotFound(f"Device '{path}' not found")
+        if prop == "type":
+            return obj.qom_type
+        defaults = QOM_DEFAULTS[obj.qom_type]
+        if prop not in defaults:
+            raise GenericError(f"Property '{obj.qom_type}.{prop}' not found")
+        return obj.props.get(prop, defaults[prop])
 
     def secret(self, oid: str) -> Secret | None:
         obj = self.objects.get(oid)

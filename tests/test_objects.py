@@ -74,3 +74,19 @@ def test_qdict_order_matches_recorded_qsd_output() -> None:
         ["timestamp", "event", "data"]
     assert [k for k, _ in qemu_items({"id": 0, "type": 0, "node-name": 0, "shutting-down": 0})] \
         == ["node-name", "shutting-down", "type", "id"]
+
+
+def test_qom_get() -> None:
+    reg = ObjectRegistry()
+    reg.add({"qom-type": "secret", "id": "s", "data": "pw"})
+    reg.add({"qom-type": "iothread", "id": "io"})
+    assert reg.qom_get("/objects/s", "data") == "pw"
+    assert reg.qom_get("/objects/s", "keyid") == ""
+    assert reg.qom_get("/objects/s", "loaded") is True
+    assert reg.qom_get("/objects/io", "poll-max-ns") == 32768
+    assert reg.qom_get("/objects", "type") == "container"
+    with pytest.raises(QMPError, match=r"Property 'secret.bogus' not found"):
+        reg.qom_get("/objects/s", "bogus")
+    with pytest.raises(QMPError) as exc:
+        reg.qom_get("/objects/nope", "type")
+    assert exc.value.error_class == "DeviceNotFound"

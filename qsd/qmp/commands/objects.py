@@ -21,3 +21,8 @@ async def object_add(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
 async def object_del(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     daemon.objects.delete(args["id"])
     return {}
+
+
+@command("qom-get")
+async def qom_get(daemon: "Daemon", args: dict[str, Any]) -> Any:
+    return daemon.objects.qom_get(args["path"], args["property"])
