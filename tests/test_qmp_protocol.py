@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from qsd.qmp.errors import GenericError, QMPError
-from qsd.qmp.jsonstream import dumps, unexpected_member
+from qsd.qmp.jsonstream import dumps
 from qsd.qmp.protocol import Execute, OOBReply, QMPConnection
+from qsd.schema.hashorder import first_unvisited
 
 VERSION = {"micro": 22, "minor": 2, "major": 7}
 PACKAGE = "Debian 1:7.2+dfsg-7+deb12u18+b3"
@@ -46,7 +47,7 @@ class FakeDaemon:
     def run(self, ex: Execute) -> object:
         args = ex.arguments or {}
         if ex.name.startswith("query-"):
-            extra = unexpected_member(args, [])
+            extra = first_unvisited(list(args), [])
             if extra is not None:
                 raise GenericError(f"Parameter '{extra}' is unexpected")
             return {"qemu": VERSION, "package": PACKAGE} if ex.name == "query-version" else []
@@ -686,7 +687,8 @@ class LiveMonitor:
 
     def __init__(self, path: Path, pretty: bool = False) -> None:
         self.path = path
-        self.pretty = pretty
+        # how the last line of a message ends
+        self.end = b"\r\n}\r\n" if pretty else b"}\r\n"
         self.sock: socket.socket | None = None
         self.greeting = b""
 
@@ -694,8 +696,7 @@ class LiveMonitor:
         self.close()
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(str(self.path))
-        self.greeting = self._read_until(lambda buf: buf.endswith(b"}\r\n") and buf.count(b"\r\n") >= 1
-                                         and (not self.pretty or buf.endswith(b"\r\n}\r\n")))
+        self.greeting = self._read_until(lambda buf: buf.endswith(self.end))
 
     def close(self) -> None:
         if self.sock is not None:
@@ -717,11 +718,10 @@ class LiveMonitor:
     def exchange(self, data: bytes) -> bytes:
         """Everything QSD answers to ``data`` followed by the sync request (its reply included)."""
         self.sock.sendall(data + SYNC)  # type: ignore[union-attr]
-        end = b"\r\n}\r\n" if self.pretty else b"}}\r\n"
 
         def done(buf: bytes) -> bool:
             i = buf.rfind(b"__sync")
-            return i >= 0 and buf.endswith(end) and buf.find(end, i) == len(buf) - len(end)
+            return i >= 0 and buf.endswith(self.end) and buf.find(self.end, i) == len(buf) - len(self.end)
 
         return self._read_until(done)
 

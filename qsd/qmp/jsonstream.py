@@ -21,9 +21,9 @@ qemu-storage-daemon 7.2 (see tests/test_qmp_json.py for the evidence):
   64 MiB of token text, 2 Mi tokens or 1024 levels of nesting.
 
 ``dumps`` writes QEMU's output format, including the order in which QEMU's
-hash-table dictionaries (QDict) list their keys, so that replies, events and
-``json:{...}`` file names come out byte-identical without every caller having
-to know that order.
+hash-table dictionaries (QDict) list their keys (see qsd.qmp.keyorder), so
+that replies, events and ``json:{...}`` file names come out byte-identical
+without every caller having to know that order.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from qsd.qmp.keyorder import bucket
+
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1024
 # QEMU formats parser messages into a 1024-byte buffer: longer ones are cut.
 _MAX_PARSER_MESSAGE = 1023
-_QDICT_BUCKETS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,47 +111,6 @@ def _c_text(raw: bytes) -> str:
 
 # Noncharacters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) as they appear in valid UTF-8.
 _NONCHAR_UTF8 = re.compile(rb"\xef\xb7[\x90-\xaf]|\xef\xbf[\xbe\xbf]|[\xf0-\xf4][\x8f\x9f\xaf\xbf]\xbf[\xbe\xbf]")
-
-
-# ---------------------------------------------------------------------------
-# QDict key order
-
-
-def _qdict_bucket(key: str) -> int:
-    """The hash bucket of ``key`` in a QEMU QDict (TDB's string hash, 512 buckets)."""
-    data = key.encode("utf-8", "surrogatepass")
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
-
-
-class _BucketCache(dict[str, int]):
-    """Memoises bucket numbers; bounded because keys can come from clients."""
-
-    def __missing__(self, key: str) -> int:
-        if type(key) is not str:
-            raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
-        bucket = _qdict_bucket(key)
-        if len(self) < 16384:
-            self[key] = bucket
-        return bucket
-
-
-_BUCKET = _BucketCache()
-
-
-def qdict_keys(d: dict) -> list[str]:
-    """The keys of ``d`` in the order QEMU iterates a QDict built by inserting them in ``d``'s order.
-
-    QEMU walks the hash buckets in order and, inside a bucket, the most recently
-    inserted key first.  Use this to reproduce which member QEMU reports first
-    (e.g. ``Parameter 'x' is unexpected``) and to re-serialise client values.
-    """
-    order = list(d)
-    order.reverse()
-    order.sort(key=_BUCKET.__getitem__)
-    return order
 
 
 # ---------------------------------------------------------------------------
@@ -638,14 +598,72 @@ _END = object()
 _INDENT = "    "
 
 
+def _bucket(key: Any) -> int:
+    if type(key) is not str:
+        raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
+    return bucket(key)
+
+
+class _TooDeep(Exception):
+    """The recursive encoder stops here; the iterative one takes over."""
+
+
+_RECURSION_BUDGET = 200
+
+
+def _compact(v: Any, app: Any, depth: int) -> None:
+    """The common case, recursive because that is fastest in CPython."""
+    t = type(v)
+    if t is str:
+        app(_quote(v))
+    elif t is dict or (t is not list and t is not tuple and isinstance(v, dict)):
+        if not v:
+            app("{}")
+            return
+        if depth > _RECURSION_BUDGET:
+            raise _TooDeep
+        sep = "{"
+        for key in sorted(v, key=_bucket) if len(v) > 1 else v:
+            if type(key) is not str:
+                raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
+            app(sep)
+            app(_quote(key))
+            app(": ")
+            _compact(v[key], app, depth + 1)
+            sep = ", "
+        app("}")
+    elif t is list or t is tuple or isinstance(v, (list, tuple)):
+        if not v:
+            app("[]")
+            return
+        if depth > _RECURSION_BUDGET:
+            raise _TooDeep
+        sep = "["
+        for item in v:
+            app(sep)
+            _compact(item, app, depth + 1)
+            sep = ", "
+        app("]")
+    else:
+        app(_scalar(v))
+
+
 def dumps(value: object, pretty: bool = False) -> str:
     """Serialise ``value`` exactly as QEMU does (no line terminator).
 
     Dict keys come out in QDict order: by hash bucket, and in the dict's own
-    order within a bucket (so a dict already in QEMU's order is kept as is).
-    Nesting depth is unlimited (no recursion).
+    order within a bucket.  So a dict already in QEMU's printed order (as in
+    the transcripts, or from ``dict(keyorder.qemu_items(d))``) is kept as is;
+    only keys sharing a bucket (e.g. "micro"/"minor") depend on the caller.
+    Any nesting depth works (deep values are written without recursion).
     """
     out: list[str] = []
+    if not pretty:
+        try:
+            _compact(value, out.append, 0)
+            return "".join(out)
+        except _TooDeep:
+            out.clear()
     app = out.append
     # Each frame: [iterator, is_dict, first]
     stack: list[list[Any]] = []
@@ -662,8 +680,7 @@ def dumps(value: object, pretty: bool = False) -> str:
             else:
                 app("{" if is_dict else "[")
                 if is_dict:
-                    items = iter([(k, v[k]) for k in sorted(v, key=_BUCKET.__getitem__)]
-                                 if len(v) > 1 else v.items())
+                    items = iter([(k, v[k]) for k in sorted(v, key=_bucket)] if len(v) > 1 else v.items())
                 else:
                     items = iter(v)
                 stack.append([items, is_dict, True])
@@ -695,142 +712,3 @@ def dumps(value: object, pretty: bool = False) -> str:
         else:
             return "".join(out)
 
-
-# ---------------------------------------------------------------------------
-# Which unexpected member QEMU names first
-
-
-def _largest_prime_below_power_of_two(shift: int) -> int:
-    if shift < 2:
-        return shift + 1
-    n = (1 << shift) - 1
-    while any(n % d == 0 for d in range(3, int(n ** 0.5) + 1, 2)):
-        n -= 2
-    return n
-
-
-def _str_hash(key: str) -> int:
-    """GLib's g_str_hash (djb2 over the bytes taken as signed chars)."""
-    h = 5381
-    for byte in key.encode("utf-8", "surrogatepass"):
-        h = (h * 33 + (byte - 256 if byte >= 0x80 else byte)) & 0xFFFFFFFF
-    return h if h >= 2 else 2
-
-
-class _GHashSet:
-    """Just enough of GLib's open-addressing hash table to know its iteration order.
-
-    QEMU's QAPI input visitor keeps the members not yet visited in such a
-    table and reports the first one it iterates as unexpected.
-    """
-
-    _MIN_SHIFT = 3
-
-    def __init__(self) -> None:
-        self._set_shift(self._MIN_SHIFT)
-        self.hashes = [0] * self.size   # 0 unused, 1 tombstone, else the hash
-        self.keys: list[str | None] = [None] * self.size
-        self.nnodes = 0
-        self.noccupied = 0
-
-    def _set_shift(self, shift: int) -> None:
-        self.size = 1 << shift
-        self.mod = _largest_prime_below_power_of_two(shift)
-        self.mask = self.size - 1
-
-    def _index(self, h: int) -> int:
-        return ((h * 11) & 0xFFFFFFFF) % self.mod
-
-    def _lookup(self, key: str) -> tuple[int, int]:
-        h = _str_hash(key)
-        i = self._index(h)
-        step = 0
-        tombstone = -1
-        while self.hashes[i] != 0:
-            if self.hashes[i] == h and self.keys[i] == key:
-                return i, h
-            if self.hashes[i] == 1 and tombstone < 0:
-                tombstone = i
-            step += 1
-            i = (i + step) & self.mask
-        return (tombstone if tombstone >= 0 else i), h
-
-    def add(self, key: str) -> None:
-        i, h = self._lookup(key)
-        if self.hashes[i] >= 2:
-            return
-        was_unused = self.hashes[i] == 0
-        self.hashes[i], self.keys[i] = h, key
-        self.nnodes += 1
-        if was_unused:
-            self.noccupied += 1
-            self._maybe_resize()
-
-    def remove(self, key: str) -> None:
-        i, _ = self._lookup(key)
-        if self.hashes[i] < 2:
-            return
-        self.hashes[i], self.keys[i] = 1, None
-        self.nnodes -= 1
-        self._maybe_resize()
-
-    def _maybe_resize(self) -> None:
-        if ((self.size > self.nnodes * 4 and self.size > 1 << self._MIN_SHIFT)
-                or self.size <= self.noccupied + self.noccupied // 16):
-            self._resize()
-
-    def _resize(self) -> None:
-        old_size = self.size
-        want = int(self.nnodes * 1.333)
-        self._set_shift(max(want.bit_length(), self._MIN_SHIFT))
-        size = max(old_size, self.size)
-        hashes = self.hashes + [0] * (size - old_size)
-        keys = self.keys + [None] * (size - old_size)
-        placed = [False] * size
-        # In-place rehash: entries are evicted along probe chains, as GLib does.
-        for i in range(old_size):
-            h = hashes[i]
-            if h < 2:
-                hashes[i] = 0
-                continue
-            if placed[i]:
-                continue
-            key = keys[i]
-            hashes[i], keys[i] = 0, None
-            while True:
-                j = self._index(h)
-                step = 0
-                while placed[j]:
-                    step += 1
-                    j = (j + step) & self.mask
-                placed[j] = True
-                h, hashes[j] = hashes[j], h
-                key, keys[j] = keys[j], key
-                if h < 2:
-                    break
-        self.hashes = hashes[:self.size]
-        self.keys = keys[:self.size]
-        self.noccupied = self.nnodes
-
-    def first(self) -> str | None:
-        for h, key in zip(self.hashes, self.keys, strict=True):
-            if h >= 2:
-                return key
-        return None
-
-
-def unexpected_member(members: dict, visited: list[str]) -> str | None:
-    """The member QEMU reports as ``Parameter '...' is unexpected``, if any.
-
-    ``members`` is the object as the client sent it; ``visited`` are the
-    member names the command's schema visits, in schema order.
-    """
-    if not set(members) - set(visited):
-        return None
-    table = _GHashSet()
-    for key in qdict_keys(members):
-        table.add(key)
-    for key in visited:
-        if key in members:
-            table.remove(key)
-    return table.first()

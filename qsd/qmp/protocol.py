@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qsd.qmp.errors import QMPError
-from qsd.qmp.jsonstream import JSONStreamParser, ParseError, dumps, qdict_keys, unexpected_member
+from qsd.qmp.jsonstream import JSONStreamParser, ParseError, dumps
+from qsd.qmp.keyorder import qemu_items
+from qsd.schema.hashorder import first_unvisited
 
 _CAPABILITIES = ("oob",)
 
@@ -53,7 +55,7 @@ def _as_qobject(value: Any) -> Any:
     stack: list[tuple[Any, Any]] = [(value, result)]
     while stack:
         src, dst = stack.pop()
-        pairs = [(k, src[k]) for k in qdict_keys(src)] if type(src) is dict else enumerate(src)
+        pairs = qemu_items(src) if type(src) is dict else enumerate(src)
         for key, item in pairs:
             if type(item) is dict or type(item) is list:
                 copy: Any = {} if type(item) is dict else []
@@ -168,8 +170,7 @@ class QMPConnection:
 
         # The envelope is checked member by member in QEMU's dict order.
         exec_key = None
-        for key in qdict_keys(req):
-            value = req[key]
+        for key, value in qemu_items(req):
             if key == "execute" or (key == "exec-oob" and self._oob):
                 if type(value) is not str:
                     return fail(f"QMP input member '{key}' must be a string")
@@ -218,7 +219,7 @@ class QMPConnection:
                 if cap not in _CAPABILITIES:
                     # QEMU names list elements 'null' in this message (sic).
                     return f"Parameter 'null' does not accept value '{cap}'"
-        extra = unexpected_member(arguments, ["enable"])
+        extra = first_unvisited(list(arguments), ["enable"])
         if extra is not None:
             return f"Parameter '{extra}' is unexpected"
         return None
