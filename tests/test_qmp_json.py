@@ -121,10 +121,15 @@ def test_token_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_token_size_limit_on_real_sizes() -> None:
+    """Boundaries and follow-up replies as measured on QSD 7.2 with 64 MiB inputs."""
     limit = jsonstream.MAX_TOKEN_SIZE
     big = parse(b'"' + b"a" * (limit - 3) + b'"')[0]
     assert isinstance(big, str) and len(big) == limit - 3
     assert parse(b'"' + b"a" * (limit - 2) + b'"') == [ParseError("JSON token size limit exceeded")]
+    assert parse(b'["' + b"a" * (limit - 5) + b'"]') == [["a" * (limit - 5)]]
+    # A token longer than the limit is cut off; lexing restarts right there.
+    assert parse(b'"' + b"a" * (limit + 5) + b'"\n') == [
+        ParseError("JSON token size limit exceeded"), *errors("invalid keyword 'aaaaa'", "stray '\"\n'")]
 
 
 def test_endless_string_is_cut_off_with_bounded_memory() -> None:
