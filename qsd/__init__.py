@@ -3,6 +3,7 @@
 
 __version__ = "0.1.0"
 
-#: The QEMU version qsd answers as, in the greeting and query-version.
-QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}
+#: The QEMU version qsd answers as, in the greeting and query-version
+#: (members in schema order, like every dict the daemon builds).
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 PACKAGE = f"qsd {__version__}"

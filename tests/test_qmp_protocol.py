@@ -25,7 +25,7 @@ from qsd.qmp.jsonstream import dumps
 from qsd.qmp.protocol import Execute, OOBReply, QMPConnection
 from qsd.schema.hashorder import first_unvisited
 
-VERSION = {"micro": 22, "minor": 2, "major": 7}
+VERSION = {"major": 7, "minor": 2, "micro": 22}
 PACKAGE = "Debian 1:7.2+dfsg-7+deb12u18+b3"
 TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qsd-7.2" / "transcripts"
 

@@ -43,10 +43,12 @@ def _any_command(name: str) -> bool:
 
 
 def _as_qobject(value: Any) -> Any:
-    """Copy a client-supplied value with its dicts in the order QEMU stores them.
+    """Copy a value with its dicts in the order QEMU stores them.
 
-    QEMU keeps the id as a QDict, so colliding keys come back in reverse
-    insertion order; dumps() keeps the order it is given within a bucket.
+    QEMU builds every output object as a QDict, so keys sharing a hash bucket
+    come back in reverse insertion order; dumps() keeps the order it is given
+    within a bucket. Client ids and everything the daemon builds (in schema
+    member order) pass through here.
     Iterative, because ids may nest 1024 levels deep.
     """
     if type(value) is not dict and type(value) is not list:
@@ -104,11 +106,13 @@ class QMPConnection:
         return self._line({"error": body})
 
     def greeting(self) -> bytes:
-        return self._line({"QMP": {"version": {"qemu": self._version, "package": self._package},
+        return self._line({"QMP": {"version": {"qemu": _as_qobject(self._version),
+                                               "package": self._package},
                                    "capabilities": list(_CAPABILITIES)}})
 
     def reply(self, ex: Execute, value: object) -> bytes:
         """The success reply to ``ex``."""
+        value = _as_qobject(value)
         if ex.has_id:
             return self._line({"return": value, "id": _as_qobject(ex.id)})
         return self._line({"return": value})
@@ -123,7 +127,7 @@ class QMPConnection:
             return None
         msg: dict = {"timestamp": {"seconds": seconds, "microseconds": microseconds}, "event": name}
         if data is not None:
-            msg["data"] = data
+            msg["data"] = _as_qobject(data)
         return self._line(msg)
 
     # -- input --------------------------------------------------------------
