@@ -68,9 +68,10 @@ class ExportManager:
         await server.stop()
 
     async def stop_servers(self) -> None:
+        """Shutdown: close the NBD server, leaving its socket file as QSD does."""
         if self.nbd is not None:
             server, self.nbd = self.nbd, None
-            await server.stop()
+            await server.stop(unlink=False)
 
     # ----- exports -----------------------------------------------------
     async def add(self, args: dict[str, Any]) -> None:

@@ -660,8 +660,9 @@ class NBDServer:
         if clients:
             await asyncio.gather(*(c.finished for c in clients))
 
-    async def stop(self) -> None:
-        """Close the listeners and every connection."""
+    async def stop(self, unlink: bool = True) -> None:
+        """Close the listeners and every connection. ``nbd-server-stop``
+        removes a unix socket file; QSD's shutdown leaves it behind."""
         for task in self._accept_tasks:
             task.cancel()
         for task in self._accept_tasks:
@@ -673,7 +674,7 @@ class NBDServer:
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
-        for path in self._unix_paths:
+        for path in self._unix_paths if unlink else ():
             try:
                 os.unlink(path)
             except OSError:
