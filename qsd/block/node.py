@@ -36,6 +36,16 @@ from qsd.qmp.errors import GenericError
 
 if TYPE_CHECKING:
     from qsd.block.graph import Edge, Graph
+    from qsd.objects import ObjectRegistry
+
+
+@dataclass
+class CreateContext:
+    """What a driver's ``create`` may use: the graph (to resolve the node
+    given as ``file``) and the objects (secrets for encryption)."""
+
+    graph: "Graph"
+    objects: "ObjectRegistry"
 
 
 class Perm(enum.IntFlag):
@@ -130,6 +140,13 @@ class Node:
         self.monitor_owned = False
 
     # ----- life cycle -------------------------------------------------
+    @classmethod
+    async def create(cls, ctx: "CreateContext", options: dict[str, Any]) -> None:
+        """blockdev-create: format the image described by ``options`` (this
+        driver's BlockdevCreateOptions branch, validated). Runs inside the
+        create job; raise QMPError with QEMU's text on failure."""
+        raise GenericError(f"Driver '{cls.driver}' does not support blockdev-create")
+
     async def open(self, options: dict[str, Any]) -> None:
         raise NotImplementedError
 
