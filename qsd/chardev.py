@@ -175,7 +175,11 @@ class Chardev:
         """Run ``handler`` over this chardev's one session, then return."""
         if not await self._wait_released():
             return
-        reader, writer = await self._open_session()
+        try:
+            reader, writer = await self._open_session()
+        except OSError as err:      # e.g. a stdio whose fds were closed by our parent
+            log.warning("chardev %s: %s", self.id, err)
+            return
         await self._run_session(handler, reader, writer)
 
     async def _open_session(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -275,7 +279,10 @@ class RingbufChardev(Chardev):
 
 def _pollable(fd: int) -> bool:
     """Whether epoll can watch ``fd`` (pipes, sockets, terminals; not files or /dev/null)."""
-    mode = os.fstat(fd).st_mode
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))
 
 

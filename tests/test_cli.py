@@ -156,6 +156,7 @@ def _rows() -> list[Row]:
         r("short-cluster-bad-first", ["-xh"]),
         r("stray-argument", ["foo.img"]),
         r("stray-dash", ["-"]),
+        r("stray-empty", [""]),
         r("double-dash-ends-options", ["--", "foo.img"], running=True),
         r("getopt-error-before-option-error", ["--blockdev", "driver=file,node-name=f0", "--bogus"]),
         r("stray-before-option", ["foo.img", "--blockdev", "driver=x"]),

@@ -65,7 +65,7 @@ class _Exit(Exception):
 
 
 def _fail(message: str, location: str | None = None) -> NoReturn:
-    _stderr(f"{PROG}: {location}: {message}" if location else f"{PROG}: {message}")
+    _stderr(f"{PROG}: {message}" if location is None else f"{PROG}: {location}: {message}")
     raise _Exit(1)
 
 
@@ -835,8 +835,18 @@ def _setup_logging() -> None:
     log.addHandler(handler)
 
 
+def _open_standard_fds() -> None:
+    """A closed fd 0, 1 or 2 becomes /dev/null, so no socket or file gets its number."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qsd`` console script and ``python -m qsd``."""
+    _open_standard_fds()
     args = sys.argv[1:] if argv is None else argv
     try:
         cmdline = parse_command_line(args)
