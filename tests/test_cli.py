@@ -45,6 +45,13 @@ def _export_types() -> list[str]:
     return next(m.type.names() for m in union.members if m.name == union.tag)
 
 
+def _object_types() -> list[str]:
+    from qsd.schema import get_schema
+
+    union = get_schema().types["ObjectOptions"]
+    return next(m.type.names() for m in union.members if m.name == union.tag)
+
+
 def _drivers() -> list[str]:
     from qsd.schema import get_schema
 
@@ -137,7 +144,7 @@ class Row:
     id: str
     args: list[str]
     running: bool = False          # the daemon keeps running: stop it with a signal
-    needs: str = ""                # "driver:NAME" or "export:TYPE" that must exist in qsd
+    needs: str = ""                # "driver:NAME", "export:TYPE" or "object:TYPE" qsd must have
 
 
 def _rows() -> list[Row]:
@@ -186,6 +193,12 @@ def _rows() -> list[Row]:
                              "--blockdev", "driver=null-co,node-name=o,read-only=on,size=1048576"], running=True),
         r("blockdev-raw-window", ["--blockdev", "driver=file,node-name=f,filename=disk.img",
                                   "--blockdev", "driver=raw,node-name=r,file=f,offset=512,size=1024"], running=True),
+        r("blockdev-qcow2", ["--blockdev", DISK, "--blockdev",
+                             "qcow2,node-name=q0,file.driver=file,file.filename=disk.qcow2"], running=True,
+          needs="driver:qcow2"),
+        r("blockdev-qcow2-json", ["--blockdev", ('{"driver": "qcow2", "node-name": "q0", "file": '
+                                                 '{"driver": "file", "filename": "disk.qcow2"}}')], running=True,
+          needs="driver:qcow2"),
         r("blockdev-comma-in-value", ["--blockdev", "driver=file,node-name=f,filename=a,,b.img"], running=True),
         # --blockdev JSON
         r("json-ok", ["--blockdev", '{"driver": "null-co", "node-name": "n"}'], running=True),
@@ -321,6 +334,11 @@ def _rows() -> list[Row]:
         r("nbd-export-json", ["--nbd-server", '{"addr": {"type": "inet", "host": "127.0.0.1", "port": "0"}}',
                               "--blockdev", DISK, "--export", '{"type": "nbd", "id": "e0", "node-name": "f0"}'],
           running=True),
+        r("full-startup-line", ["--blockdev", DISK, "--blockdev", "driver=raw,node-name=r0,file=f0",
+                                "--nbd-server", "addr.type=unix,addr.path=n3.sock",
+                                "--export", "type=nbd,id=e0,node-name=r0,writable=on",
+                                "--export", "type=vhost-user-blk,id=v0,node-name=r0,addr.type=unix,addr.path=v.sock",
+                                "--object", "iothread,id=io1"], running=True, needs="export:vhost-user-blk"),
         r("export-fuse-mountpoint", ["--blockdev", "driver=null-co,node-name=n0,size=1073741824",
                                      "--export", "type=fuse,id=fu,node-name=n0,mountpoint=nonexistent"],
           needs="export:fuse"),
@@ -339,6 +357,8 @@ def _rows() -> list[Row]:
         r("object-after-error", ["--blockdev", "driver=x", "--object", "help"]),
         r("object-ok", ["--object", "secret,id=s0,data=x", "--object", "iothread,id=io0"], running=True),
         r("object-json-ok", ["--object", '{"qom-type": "secret", "id": "s0", "data": "x"}'], running=True),
+        r("object-throttle-group", ["--object", "throttle-group,id=tg0,x-iops-total=100"], running=True,
+          needs="object:throttle-group"),
         r("luks-secret-order", ["--blockdev", ("driver=luks,node-name=l,key-secret=sec,file.driver=file,"
                                                "file.filename=disk.img"), "--object", "secret,id=sec,data=pw"],
           needs="driver:luks"),
@@ -380,6 +400,8 @@ def _scratch(base: Path, row: Row) -> Path:
     (d / "a,b.img").touch()
     (d / "adir").mkdir()
     (d / "ev.txt").write_text("nosuch_ev\n# comment\nnosuch_*\n\n")
+    if any("disk.qcow2" in arg for arg in row.args):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "disk.qcow2"), "1M"], check=True)
     return d
 
 
@@ -407,7 +429,8 @@ def _available(need: str) -> bool:
     if not need:
         return True
     kind, name = need.split(":")
-    return name in (_drivers() if kind == "driver" else _export_types())
+    known = {"driver": _drivers, "export": _export_types, "object": _object_types}[kind]()
+    return name in known
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
@@ -684,6 +707,25 @@ def _qmp_stdio(program: str, args: list[str], cwd: Path, commands: bytes) -> tup
     greeting, end = json.JSONDecoder().raw_decode(text)
     assert "QMP" in greeting
     return status, text[end:].encode()
+
+
+QUERY_NODES = (b'{"execute":"qmp_capabilities"}\n{"execute":"query-named-block-nodes"}\n'
+               b'{"execute":"quit"}\n')
+
+
+@pytest.mark.parametrize("options", [
+    ["--blockdev", "driver=null-co,node-name=n0,node-name=n1"],
+    ["--blockdev", "driver=file,node-name=f,filename=a,,b.img"],
+    ["--blockdev", "driver=null-co,node-name=a", "--blockdev", "driver=null-co,node-name=b",
+     "--blockdev", "quorum,node-name=q,vote-threshold=1,children.0=a,children.1=b"],
+], ids=["repeated-key", "comma-in-filename", "quorum-list"])
+def test_options_seen_over_qmp_like_qsd(tmp_path: Path, options: list[str]) -> None:
+    """What the options created, as query-named-block-nodes shows it (cli-probes transcripts)."""
+    if "quorum" in options[-1] and "quorum" not in _drivers():
+        pytest.skip("qsd has no quorum driver yet")
+    (tmp_path / "a,b.img").touch()
+    args = ["--chardev", "stdio,id=s0", "--monitor", "chardev=s0", *options]
+    assert _qmp_stdio("qsd", args, tmp_path, QUERY_NODES) == _qmp_stdio("qemu", args, tmp_path, QUERY_NODES)
 
 
 @pytest.mark.parametrize("pretty", [False, True], ids=["plain", "pretty"])
