@@ -142,8 +142,6 @@ def _write_all(fd: int, data: bytes) -> None:
 class Chardev:
     """Base class: the gate, the in-use flag and the single-session backends."""
 
-    backend = ""
-
     def __init__(self, chardev_id: str, held: bool) -> None:
         self.id = chardev_id
         #: Set by the daemon while a monitor owns this chardev.
@@ -219,8 +217,6 @@ class Chardev:
 class NullChardev(Chardev):
     """Discards output; never has input."""
 
-    backend = "null"
-
     async def _open_session(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader = asyncio.StreamReader()
         return reader, _writer_for(_SinkTransport(lambda data: None))
@@ -228,8 +224,6 @@ class NullChardev(Chardev):
 
 class FileChardev(Chardev):
     """Appends or truncates ``path`` and writes the output there; no input."""
-
-    backend = "file"
 
     def __init__(self, chardev_id: str, held: bool, path: str, append: bool) -> None:
         super().__init__(chardev_id, held)
@@ -249,8 +243,6 @@ class FileChardev(Chardev):
 
 class RingbufChardev(Chardev):
     """Keeps the last ``size`` bytes of output; input comes from :meth:`ring_write`."""
-
-    backend = "ringbuf"
 
     def __init__(self, chardev_id: str, held: bool, size: int) -> None:
         super().__init__(chardev_id, held)
@@ -288,8 +280,6 @@ def _pollable(fd: int) -> bool:
 
 class StdioChardev(Chardev):
     """stdin as input, stdout as output; EOF on stdin ends only the session."""
-
-    backend = "stdio"
 
     def __init__(self, chardev_id: str, held: bool) -> None:
         super().__init__(chardev_id, held)
@@ -350,8 +340,6 @@ class StdioChardev(Chardev):
 class SocketClientChardev(Chardev):
     """A connection made at creation (``server=off``); one session."""
 
-    backend = "socket"
-
     def __init__(self, chardev_id: str, held: bool, sock: socket.socket) -> None:
         super().__init__(chardev_id, held)
         self._sock: socket.socket | None = sock
@@ -368,8 +356,6 @@ class SocketClientChardev(Chardev):
 
 class SocketServerChardev(Chardev):
     """Listening socket(s): clients are served one after the other."""
-
-    backend = "socket"
 
     def __init__(self, chardev_id: str, held: bool, listeners: list[socket.socket],
                  unix_path: str | None) -> None:
