@@ -382,9 +382,27 @@ def report(results: list[Result], servers: list[Server], workloads: list[Workloa
             cpu = [ratio(med(wl.name, a, "cpu_s_per_gib"), med(wl.name, b, "cpu_s_per_gib")) for a, b in pairs]
             lines.append(f"{wl.name:<20} " + " ".join(f"{t:>16}" for t in thr) + "  "
                          + " ".join(f"{c:>20}" for c in cpu))
+        # Paired ratios: each round ran the servers back to back, so the per-round ratio cancels slow drifts in
+        # machine load; their median is the steadier estimate on a noisy machine.
+        rounds_of = {}
+        for r in results:
+            if r.ok:
+                rounds_of.setdefault((r.workload, r.server), {})[r.round] = r.mib_s
+
+        def paired(wl, a, b):
+            ra, rb = rounds_of.get((wl, a), {}), rounds_of.get((wl, b), {})
+            xs = [ra[k] / rb[k] for k in ra if k in rb and rb[k]]
+            return f"{statistics.median(xs):.2f}x" if xs else "-"
+
+        lines.append("")
+        head = f"{'paired (per round)':<20} " + " ".join(f"{'thr ' + c:>16}" for c in cols)
+        lines.append(head)
+        lines.append("-" * len(head))
+        for wl in workloads:
+            lines.append(f"{wl.name:<20} " + " ".join(f"{paired(wl.name, a, b):>16}" for a, b in pairs))
         lines.append("(spread: (max - min) / median of MiB/s over rounds; "
                      "thr: throughput ratio, higher is better for the first; cpu/GiB: server CPU per GiB moved, "
-                     "lower is better for the first)")
+                     "lower is better for the first; paired: median over rounds of the ratio within one round)")
     return "\n".join(lines)
 
 
