@@ -474,10 +474,14 @@ def test_command_names(schema: Schema) -> None:
     assert {"qmp_capabilities", "query-version", "query-commands", "query-qmp-schema", "quit", "blockdev-add",
             "blockdev-del", "query-named-block-nodes", "object-add", "object-del", "nbd-server-start",
             "nbd-server-stop", "nbd-server-add", "nbd-server-remove", "block-export-add", "block-export-del",
-            "query-block-exports", "query-block", "qom-list", "qom-get"} == set(names)
+            "query-block-exports", "query-block", "qom-list", "qom-get", "blockdev-create", "query-jobs",
+            "query-block-jobs", "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss",
+            "job-finalize", "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume",
+            "block-job-complete", "block-job-dismiss", "block-job-finalize"} == set(names)
     assert names == [n for n in QEMU_QUERY_COMMANDS if n in names]     # QEMU's relative order
-    assert all(schema.has_command(n) for n in names) and not schema.has_command("query-jobs")
-    assert schema.event_names() == ["BLOCK_EXPORT_DELETED"]
+    assert all(schema.has_command(n) for n in names) and not schema.has_command("blockdev-mirror")
+    assert schema.event_names() == ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
+                                    "BLOCK_JOB_PENDING", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"]
 
 
 def test_introspection_shape(schema: Schema) -> None:

@@ -19,7 +19,7 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
 # Definition order matters: it is the order of commands and events in
 # query-qmp-schema (and, reversed, of query-commands), as in QEMU where the
 # block modules come first and QOM last.
-TOPICS = ("sockets", "crypto", "block-core", "block-export", "control", "objects")
+TOPICS = ("sockets", "crypto", "block-core", "jobs", "block-export", "control", "objects")
 
 EMPTY_OBJECT = "q_empty"
 
@@ -301,7 +301,12 @@ class _Loader:
         unknown = set(branches) - set(tag_member.type.names())
         if unknown:
             raise SchemaDefinitionError(f"{name}: branches for unknown values {sorted(unknown)}")
-        for value in tag_member.type.names():
+        # QEMU lists the variants with a branch first, in the order they are
+        # written, then the tag's other values in enum order.
+        values = [v for v in tag_member.type.names() if v in branches]
+        values.sort(key=list(branches).index)
+        values += [v for v in tag_member.type.names() if v not in branches]
+        for value in values:
             branch = self.type_ref(branches[value], name) if value in branches else None
             if branch is not None:
                 if not isinstance(branch, Object) or "struct" not in self.raw[branch.name][1]:
