@@ -9,6 +9,7 @@ DRIVER_MODULES = (
     "qsd.block.protocols.file",
     "qsd.block.protocols.null",
     "qsd.block.formats.raw",
+    "qsd.block.formats.qcow2",
 )
 
 

@@ -1,0 +1,834 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The ``qcow2`` format driver (docs/interop/qcow2.txt).
+
+Reads go through the L2 cache straight to the data file; mapped data
+extents are handed to exports (``host_extent``/``block_status``) so NBD
+reads leave from the image file without passing through here.
+Writes, write-zeroes, discards and resizes are serialised by one lock
+(reads are not): clusters are allocated in batches, data is written before
+the L2 entries that point to it, refcount increments before L2 entries,
+and decrements only after (see :mod:`.refcount`). Before every metadata
+write an overlap check refuses writes onto other metadata, marking the
+image corrupt as QEMU does.
+
+Lazy refcounts: the dirty bit is set before the first write and cleared on
+close, but refcounts are always kept exact, so an image we leave dirty
+only ever has leaks. An image found dirty is repaired when opened
+read-write (:func:`.refcount` rebuild in :meth:`Qcow2Node._repair`),
+read-only opens use it as it is (reads never look at refcounts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import struct
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from qsd.block.formats.qcow2.create import create_image
+from qsd.block.formats.qcow2.cluster import (
+    BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, ClusterMap, Kind)
+from qsd.block.formats.qcow2.header import (
+    AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES,
+    COMPRESSION_ZSTD, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAGIC, Header)
+from qsd.block.formats.qcow2.refcount import Refcounts, corrupt
+from qsd.block.node import DRIVERS, Extent, Node, Role, register_driver
+from qsd.qmp.errors import GenericError, QMPError
+
+if TYPE_CHECKING:
+    from qsd.block.node import CreateContext
+
+#: QEMU's default cap on the L2 cache (64-bit hosts) and refcount cache size.
+DEFAULT_L2_CACHE_MAX = 32 << 20
+DEFAULT_REFCOUNT_CACHE_CLUSTERS = 4
+#: Largest run handed to block_status callers in one go.
+STATUS_MAX = 1 << 30
+_ZERO_CHUNK = 1 << 20
+
+
+@register_driver
+class Qcow2Node(ClusterMap, Node):
+    """A qcow2 image on its ``file`` child (and optionally ``data-file``)."""
+
+    driver = "qcow2"
+    is_format = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.img = self
+        self.header = Header()
+        self._lock = asyncio.Lock()
+        self._meta: dict[int, str] = {}
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._writable = False
+        self._marked_dirty = False
+        self._corrupt_reported = False
+
+    # ----- plumbing used by refcount/cluster -------------------------------
+    @property
+    def file_node(self) -> Node:
+        return self.children["file"].child
+
+    @property
+    def data_node(self) -> Node:
+        edge = self.children.get("data-file")
+        return edge.child if edge is not None else self.file_node
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.header.incompatible & INCOMPAT_DATA_FILE)
+
+    @property
+    def backing_node(self) -> Node | None:
+        edge = self.children.get("backing")
+        return edge.child if edge is not None else None
+
+    def file_end(self) -> int:
+        return self.file_node.size
+
+    async def read_file(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        if length:
+            await self.file_node.read_into(offset, memoryview(buf))
+        return buf
+
+    def add_metadata(self, offset: int, length: int, name: str) -> None:
+        for c in range(offset >> self.cbits, (offset + length - 1 >> self.cbits) + 1):
+            self._meta[c] = name
+
+    def remove_metadata(self, offset: int, length: int) -> None:
+        for c in range(offset >> self.cbits, (offset + length - 1 >> self.cbits) + 1):
+            self._meta.pop(c, None)
+
+    def check_overlap(self, offset: int, length: int, name: str | None) -> None:
+        """Refuse a write of ``name`` metadata (None: guest data) that would
+        land on other metadata; the image is marked corrupt as QEMU does."""
+        for c in range(offset >> self.cbits, (offset + length - 1 >> self.cbits) + 1):
+            kind = self._meta.get(c)
+            if kind is not None and kind != name:
+                self._mark_corrupt(f"Preventing invalid write on metadata (overlaps with {kind})")
+                raise OSError(errno.EIO, f"Write at {offset:#x} overlaps with {kind}")
+
+    def _mark_corrupt(self, why: str) -> None:
+        if not self._corrupt_reported:
+            os.write(2, f"qcow2: Marking image as corrupt: {why}; further corruption events "
+                        "will be suppressed\n".encode())
+            self._corrupt_reported = True
+        self.header.incompatible |= INCOMPAT_CORRUPT
+        asyncio.ensure_future(self._write_header_quietly())
+
+    async def _write_header_quietly(self) -> None:
+        try:
+            await self.file_node.write(0, self.header.pack())
+        except OSError:
+            pass
+
+    async def write_meta(self, offset: int, data: bytes, name: str) -> None:
+        self.check_overlap(offset, len(data), name)
+        await self.file_node.write(offset, data)
+
+    async def write_header(self) -> None:
+        await self.file_node.write(0, self.header.pack())
+
+    async def write_back_metadata(self) -> None:
+        """L2 tables (after the refcounts they depend on) to the disk."""
+        await self.l2_cache.flush()
+        await self.refcounts.cache.flush()
+
+    async def discard_host(self, frees: list[tuple[int, int]]) -> None:
+        """Pass freed clusters down when the node discards (pass-discard-request)."""
+        if self.discard_mode != "unmap" or not self.options.get("pass-discard-request", True):
+            return
+        for offset, count in frees:
+            try:
+                await self.file_node.discard(offset, count << self.cbits)
+            except OSError:
+                pass  # advisory
+
+    # ----- open / close ----------------------------------------------------
+    async def open(self, options: dict[str, Any]) -> None:
+        file = await self.open_child("file", options["file"])
+        first = await self.read_file(0, min(max(file.size, 0), 4096))
+        if len(first) >= 24 and first[:4] == MAGIC:
+            bits = struct.unpack_from(">I", first, 20)[0]
+            if 9 <= bits <= 21 and (1 << bits) > len(first):
+                first = await self.read_file(0, min(file.size, 1 << bits))
+        h = Header.parse(first, file.size)
+        self.header = h
+        self._writable = not self.read_only
+        if h.incompatible & INCOMPAT_CORRUPT and self._writable:
+            raise GenericError("qcow2: Image is corrupt; cannot be opened read/write")
+        if h.crypt_method:
+            self._open_encryption(options)
+        self.size = h.size
+        self.init_map(self._l2_cache_entries(options))
+        self.refcounts = Refcounts(self, self._refcount_cache_entries(options))
+        self.l2_cache.depends_on = self.refcounts.cache
+        self.l2_cache.barrier = self.file_node.flush
+        self.add_metadata(0, self.cs, "qcow2_header")
+        await self.refcounts.load()
+        self.add_metadata(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
+                          "refcount table")
+        for off in self.refcounts.table:
+            if off:
+                self.add_metadata(off, self.cs, "refcount block")
+        if h.l1_size:
+            self.add_metadata(h.l1_table_offset, h.l1_size * 8, "active L1 table")
+        await self.load_l1()
+        await self._load_snapshot_table()
+        await self._open_data_file(options)
+        await self._open_backing(options)
+        self.lazy_refcounts = bool(options.get("lazy-refcounts",
+                                               h.compatible & COMPAT_LAZY_REFCOUNTS))
+        if self.lazy_refcounts and h.version < 3:
+            raise GenericError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                               "compatibility level")
+        if self._writable:
+            if h.incompatible & INCOMPAT_DIRTY:
+                await self._repair()
+            if h.autoclear & ~AUTOCLEAR_KNOWN or h.bitmaps_ext is not None:
+                # Unknown auto-clear features (and bitmaps, which we do not
+                # keep up to date) are no longer consistent once we write.
+                h.autoclear &= AUTOCLEAR_DATA_FILE_RAW
+                await self.write_header()
+
+    def _open_encryption(self, options: dict[str, Any]) -> None:
+        """The hook the LUKS/AES support plugs into; until then, refused."""
+        raise GenericError("qcow2 encryption is not supported by qsd yet")
+
+    def _l2_cache_entries(self, options: dict[str, Any]) -> int:
+        cs = self.header.cluster_size
+        l1_needed = self.header.l1_entries_needed(self.header.size)
+        if "l2-cache-size" in options:
+            return max(2, options["l2-cache-size"] // cs)
+        if "cache-size" in options:
+            refcount = options.get("refcount-cache-size", 0)
+            return max(2, (options["cache-size"] - refcount) // cs)
+        return max(2, min(l1_needed, DEFAULT_L2_CACHE_MAX // cs))
+
+    def _refcount_cache_entries(self, options: dict[str, Any]) -> int:
+        if "refcount-cache-size" in options:
+            return max(2, options["refcount-cache-size"] // self.header.cluster_size)
+        return DEFAULT_REFCOUNT_CACHE_CLUSTERS
+
+    async def _load_snapshot_table(self) -> None:
+        """Remember where the snapshot table and inactive L1 tables are, so
+        that writes never land on them (and the repair counts them)."""
+        h = self.header
+        self.snapshot_l1s: list[tuple[int, int]] = []
+        if not h.nb_snapshots:
+            return
+        pos = h.snapshots_offset
+        end_file = self.file_end()
+        for _ in range(h.nb_snapshots):
+            if pos + 40 > end_file:
+                raise GenericError("Snapshot table offset invalid")
+            raw = await self.read_file(pos, 40)
+            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", raw)
+            extra = struct.unpack_from(">I", raw, 36)[0]
+            if extra > 1024:
+                raise GenericError("Snapshot table entry too large")
+            if l1_size > (32 << 20) // 8 or (l1_size and (l1_off % self.cs
+                                                          or l1_off + l1_size * 8 > end_file)):
+                raise GenericError("Snapshot L1 table offset invalid")
+            self.snapshot_l1s.append((l1_off, l1_size))
+            if l1_size:
+                self.add_metadata(l1_off, l1_size * 8, "inactive L1 table")
+            pos += (40 + extra + id_len + name_len + 7) & ~7
+        self.add_metadata(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
+
+    def _image_dir_path(self, name: str) -> str:
+        if os.path.isabs(name):
+            return name
+        base = self.file_node.filename
+        if base.startswith("json:"):
+            return name
+        return os.path.join(os.path.dirname(base), name)
+
+    async def _open_data_file(self, options: dict[str, Any]) -> None:
+        h = self.header
+        ref = options.get("data-file")
+        if not self.has_data_file:
+            if ref is not None:
+                raise GenericError("'data-file' can only be set for images with an external "
+                                   "data file")
+            if h.autoclear & AUTOCLEAR_DATA_FILE_RAW:
+                raise GenericError("data-file-raw cannot be set for images without an "
+                                   "external data file")
+            return
+        if ref is None:
+            if not h.data_file:
+                raise GenericError("'data-file' is required for this image")
+            ref = {"driver": "file", "filename": self._image_dir_path(h.data_file),
+                   "read-only": self.read_only}
+        await self.open_child("data-file", ref, Role.DATA)
+
+    async def _open_backing(self, options: dict[str, Any]) -> None:
+        h = self.header
+        if "backing" in options:
+            ref = options["backing"]
+            if ref is None:
+                return
+        else:
+            if not h.backing_file:
+                return
+            if self.has_data_file and h.autoclear & AUTOCLEAR_DATA_FILE_RAW:
+                raise GenericError("Backing file and data-file-raw cannot be used at the same "
+                                   "time")
+            path = self._image_dir_path(h.backing_file)
+            fmt = h.backing_fmt or _probe(path)
+            if fmt not in DRIVERS:
+                raise GenericError(f"Could not open backing file: Unknown driver '{fmt}'")
+            ref = {"driver": fmt, "file": {"driver": "file", "filename": path},
+                   "read-only": True}
+        try:
+            await self.open_child("backing", ref, Role.COW)
+        except QMPError as e:
+            if isinstance(ref, str):
+                raise
+            raise GenericError(f"Could not open backing file: {e.desc}") from None
+
+    async def close(self) -> None:
+        if self._writable and "file" in self.children:
+            try:
+                await self._flush_metadata()
+                if self.header.incompatible & INCOMPAT_DIRTY:
+                    self.header.incompatible &= ~INCOMPAT_DIRTY
+                    await self.write_header()
+                    await self.file_node.flush()
+            except OSError:
+                pass
+
+    # ----- repair ----------------------------------------------------------
+    async def _repair(self) -> None:
+        """Rebuild refcounts of a dirty image from its references, then
+        clear the dirty bit (what QEMU does on a read-write open)."""
+        if self.header.bitmaps_ext is not None:
+            raise GenericError("qcow2: Image was not closed cleanly and has persistent "
+                               "bitmaps; repair it with 'qemu-img check -r all'")
+        want = await self.count_references()
+        rc = self.refcounts
+        top = max(want) + 1 if want else 0
+        rc.free_hint = max(rc.free_hint, top)
+        for c in range(top):  # raise first: nothing in use may look free
+            cur = await rc.get(c)
+            if want.get(c, 0) > cur:
+                await rc.update(c << self.cbits, 1, want[c] - cur)
+        for c in range(top):
+            cur = await rc.get(c)
+            if cur > want.get(c, 0) and c not in self._meta_new_since(want):
+                await rc.update(c << self.cbits, 1, want.get(c, 0) - cur)
+        rc.free_hint = 0
+        await self.refcounts.cache.flush()
+        await self.file_node.flush()
+        self.header.incompatible &= ~INCOMPAT_DIRTY
+        await self.write_header()
+        await self.file_node.flush()
+
+    def _meta_new_since(self, want: dict[int, int]) -> set[int]:
+        """Refcount blocks the repair itself allocated (not in ``want``)."""
+        return {c for c, kind in self._meta.items() if kind == "refcount block" and c not in want}
+
+    async def count_references(self) -> dict[int, int]:
+        """How often each host cluster is referenced by the image's metadata."""
+        refs: dict[int, int] = {}
+        cs = self.cs
+        h = self.header
+
+        def add(offset: int, length: int) -> None:
+            for c in range(offset >> self.cbits, (offset + length - 1 >> self.cbits) + 1):
+                refs[c] = refs.get(c, 0) + 1
+
+        add(0, cs)
+        add(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        for off in self.refcounts.table:
+            if off:
+                add(off, cs)
+        if h.crypto_header is not None:
+            add(h.crypto_header[0], max(1, h.crypto_header[1]))
+        l1s = [(self.l1, True)]
+        if h.l1_size:
+            add(h.l1_table_offset, h.l1_size * 8)
+        snap_meta = [c for c, k in self._meta.items() if k == "snapshot table"]
+        for c in snap_meta:
+            add(c << self.cbits, 1)
+        for off, size in self.snapshot_l1s:
+            if size:
+                add(off, size * 8)
+                raw = await self.read_file(off, size * 8)
+                l1s.append((list(struct.unpack(f">{size}Q", raw)), False))
+        seen_l2: set[int] = set()
+        for table, _active in l1s:
+            for e in table:
+                l2 = e & L1E_OFFSET_MASK
+                if not l2:
+                    continue
+                add(l2, cs)
+                if l2 in seen_l2:
+                    continue
+                seen_l2.add(l2)
+                l2t = await self.l2_cache.get(l2)
+                for i in range(self.l2_entries):
+                    entry, _ = self.entry_pair(l2t, i)
+                    if entry & OFLAG_COMPRESSED:
+                        host = entry & self.compressed_mask
+                        nsect = (entry >> self.csectors_shift & self.csectors_mask) + 1
+                        add(host & ~511, nsect * 512)
+                    elif entry & L2E_OFFSET_MASK and not self.has_data_file:
+                        add(entry & L2E_OFFSET_MASK, cs)
+        return refs
+
+    # ----- reads -------------------------------------------------------------
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        pos = offset
+        while pos < end:
+            runs = await self.map_range(pos, end - pos)
+            for r in runs:
+                view = buf[r.offset - offset:r.offset - offset + r.length]
+                if r.kind is Kind.NORMAL:
+                    await self.data_node.read_into(r.host, view)
+                elif r.kind is Kind.UNALLOCATED:
+                    await self._read_backing(r.offset, view)
+                elif r.kind is Kind.ZERO:
+                    view[:] = bytes(len(view))
+                else:
+                    data = await self._decompress(r.host)
+                    start = r.offset & (self.cs - 1)
+                    view[:] = data[start:start + r.length]
+            pos = runs[-1].offset + runs[-1].length
+
+    async def _read_backing(self, offset: int, view: memoryview) -> None:
+        backing = self.backing_node
+        n = 0
+        if backing is not None and offset < backing.size:
+            n = min(len(view), backing.size - offset)
+            await backing.read_into(offset, view[:n])
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+
+    async def _decompress(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        host = entry & self.compressed_mask
+        nsect = (entry >> self.csectors_shift & self.csectors_mask) + 1
+        length = nsect * 512 - (host & 511)
+        length = min(length, self.file_end() - host)
+        if length <= 0:
+            raise corrupt(f"Compressed cluster at {host:#x} lies beyond the end of the image")
+        raw = bytes(await self.read_file(host, length))
+        try:
+            if self.header.compression_type == COMPRESSION_ZSTD:
+                out = _zstd_decompress(raw, self.cs)
+            else:
+                out = zlib.decompressobj(-15).decompress(raw, self.cs)
+        except (zlib.error, ValueError) as e:
+            raise OSError(errno.EIO, f"Could not decompress cluster at {host:#x}: {e}") from None
+        if len(out) < self.cs:
+            raise OSError(errno.EIO, f"Compressed cluster at {host:#x} is truncated")
+        self._compressed_cache = (entry, out)
+        return out
+
+    # ----- writes ------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        if self.header.incompatible & INCOMPAT_CORRUPT:
+            raise OSError(errno.EIO, "Image is corrupt")
+
+    async def _before_write(self) -> None:
+        if self.lazy_refcounts and not self._marked_dirty:
+            self._marked_dirty = True
+            if not self.header.incompatible & INCOMPAT_DIRTY:
+                self.header.incompatible |= INCOMPAT_DIRTY
+                await self.write_header()
+                await self.file_node.flush()
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    fua: bool = False) -> None:
+        self._check_writable()
+        data = memoryview(data).cast("B")
+        async with self._lock:
+            await self._before_write()
+            await self._write_locked(offset, data)
+            self._compressed_cache = None
+        if fua:
+            await self.flush()
+
+    def _span_end(self, pos: int, end: int) -> int:
+        """End of the part of [pos, end) covered by one L2 table."""
+        per = self.l2_entries << self.cbits
+        return min(end, (pos // per + 1) * per)
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            stop = self._span_end(pos, end)
+            await self._write_span(pos, data[pos - offset:stop - offset])
+            pos = stop
+
+    def _in_place(self, entry: int) -> bool:
+        if entry & OFLAG_COMPRESSED or not entry & OFLAG_COPIED:
+            return False
+        if not self.ext_l2 and entry & OFLAG_ZERO:
+            return False
+        return bool(entry & L2E_OFFSET_MASK) or self.has_data_file
+
+    async def _write_span(self, pos: int, data: memoryview) -> None:
+        """Write within one L2 table: plan, allocate, COW-pad, write, map."""
+        cs, cbits = self.cs, self.cbits
+        end = pos + len(data)
+        first, last = pos >> cbits, (end - 1) >> cbits
+        l1_index, idx0 = divmod(first, self.l2_entries)
+        l2_off = self._l2_offset(l1_index)
+        table = await self.l2_cache.get(l2_off) if l2_off else None
+        plans: list[list[int]] = []  # [cluster, entry, bitmap, inplace, pad_s, pad_e, host]
+        fresh = 0
+        for i, c in enumerate(range(first, last + 1)):
+            entry, bitmap = self.entry_pair(table, idx0 + i) if table is not None else (0, 0)
+            c_start = c << cbits
+            ws, we = max(pos, c_start), min(end, c_start + cs)
+            inplace = self._in_place(entry)
+            if self.ext_l2 and (inplace or not (entry & (OFLAG_COMPRESSED | L2E_OFFSET_MASK))):
+                sc = self.sc_size
+                pad_s = ws - (ws - c_start) % sc
+                pad_e = min(c_start + cs, -(-(we - c_start) // sc) * sc + c_start)
+                if inplace and bitmap >> ((ws - c_start) // sc) & 1:
+                    pad_s = ws
+                if inplace and bitmap >> ((we - 1 - c_start) // sc) & 1:
+                    pad_e = we
+            elif inplace:
+                pad_s, pad_e = ws, we
+            else:
+                pad_s, pad_e = c_start, c_start + cs
+            if not inplace:
+                fresh += 1
+            host = entry & L2E_OFFSET_MASK if inplace else -1
+            plans.append([c, entry, bitmap, int(inplace), pad_s, pad_e, host])
+        if fresh:
+            if self.has_data_file:
+                for p in plans:
+                    if not p[3]:
+                        p[6] = p[0] << cbits
+            else:
+                base = await self.refcounts.alloc(fresh)
+                for p in plans:
+                    if not p[3]:
+                        p[6] = base
+                        base += cs
+        # Segments: runs of clusters contiguous in guest and host, padded at the ends only.
+        seg_start = 0
+        for i in range(1, len(plans) + 1):
+            if i < len(plans):
+                a, b = plans[i - 1], plans[i]
+                if (b[6] == a[6] + cs and a[5] == (a[0] + 1) << cbits and b[4] == b[0] << cbits):
+                    continue
+            await self._write_segment(plans[seg_start:i], pos, data)
+            seg_start = i
+        for c, entry, bitmap, inplace, pad_s, pad_e, host in plans:
+            c_start = c << cbits
+            if self.ext_l2:
+                if not inplace and entry & (OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                    new_bitmap = BITMAP_ALL_ALLOC
+                else:
+                    mask = 0
+                    for sc in range((pad_s - c_start) // self.sc_size,
+                                    (pad_e - 1 - c_start) // self.sc_size + 1):
+                        mask |= 1 << sc
+                    new_bitmap = (bitmap | mask) & ~(mask << 32)
+                if inplace and new_bitmap == bitmap:
+                    continue
+                await self.set_entry(c_start, host | OFLAG_COPIED, new_bitmap)
+            elif inplace:
+                continue
+            else:
+                await self.set_entry(c_start, host | OFLAG_COPIED)
+            if not inplace:
+                self.free_entry(entry)
+        if len(self.refcounts.pending_frees) > 64:
+            await self.refcounts.apply_frees()
+
+    async def _write_segment(self, plans: list[list[int]], pos: int, data: memoryview) -> None:
+        cbits = self.cbits
+        end = pos + len(data)
+        g_start, g_end = plans[0][4], plans[-1][5]
+        host = plans[0][6] + (g_start - (plans[0][0] << cbits))
+        d_start, d_end = max(g_start, pos), min(g_end, end)
+        head = d_start - g_start
+        tail = g_end - d_end
+        body = data[d_start - pos:d_end - pos]
+        if not self.has_data_file:
+            self.check_overlap(host, g_end - g_start, None)
+        if head or tail:
+            buf = bytearray(g_end - g_start)
+            if head:
+                await self.read_into(g_start, memoryview(buf)[:head])
+            if tail:
+                await self.read_into(d_end, memoryview(buf)[len(buf) - tail:])
+            buf[head:head + len(body)] = body
+            await self.data_node.write(host, buf)
+        else:
+            await self.data_node.write(host, body)
+
+    # ----- zeroes and discards --------------------------------------------
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                           fua: bool = False, no_fallback: bool = False) -> None:
+        self._check_writable()
+        async with self._lock:
+            await self._before_write()
+            await self._zero_locked(offset, length, may_unmap, no_fallback)
+            self._compressed_cache = None
+        if fua:
+            await self.flush()
+
+    async def _explicit_zeroes(self, offset: int, length: int, no_fallback: bool) -> None:
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(zeroes), end - pos)
+            await self._write_locked(pos, zeroes[:n])
+            pos += n
+
+    async def _zero_locked(self, offset: int, length: int, may_unmap: bool,
+                           no_fallback: bool) -> None:
+        h = self.header
+        raw_data = bool(h.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+        gran = self.sc_size if self.ext_l2 else self.cs
+        if raw_data or (h.version < 3 and self.backing_node is not None):
+            await self._explicit_zeroes(offset, length, no_fallback)
+            return
+        end = offset + length
+        a_start = -(-offset // gran) * gran
+        a_end = max(a_start, end // gran * gran)
+        if a_start >= a_end:
+            await self._explicit_zeroes(offset, length, no_fallback)
+            return
+        if offset < a_start:
+            await self._explicit_zeroes(offset, a_start - offset, no_fallback)
+        pos = a_start
+        while pos < a_end:
+            c_start = pos >> self.cbits << self.cbits
+            stop = min(a_end, c_start + self.cs)
+            if await self._zero_cluster(c_start, pos, stop, may_unmap):
+                pos = stop
+                continue
+            await self._explicit_zeroes(pos, stop - pos, no_fallback)
+            pos = stop
+        if a_end < end:
+            await self._explicit_zeroes(a_end, end - a_end, no_fallback)
+        if len(self.refcounts.pending_frees) > 64:
+            await self.refcounts.apply_frees()
+
+    async def _zero_cluster(self, c_start: int, pos: int, stop: int, may_unmap: bool) -> bool:
+        """Zero [pos, stop) of one cluster through metadata; False if not possible."""
+        cluster = c_start >> self.cbits
+        l1_index, idx = divmod(cluster, self.l2_entries)
+        l2_off = self._l2_offset(l1_index)
+        table = await self.l2_cache.get(l2_off) if l2_off else None
+        entry, bitmap = self.entry_pair(table, idx) if table is not None else (0, 0)
+        host = entry & L2E_OFFSET_MASK
+        if self.ext_l2:
+            mask = 0
+            for sc in range((pos - c_start) // self.sc_size, (stop - 1 - c_start) // self.sc_size + 1):
+                mask |= 1 << sc
+            if entry & OFLAG_COMPRESSED:
+                if mask != BITMAP_ALL_ALLOC:
+                    return False
+                await self.set_entry(c_start, 0, BITMAP_ALL_ZERO)
+                self.free_entry(entry)
+                return True
+            new_bitmap = (bitmap & ~mask) | (mask << 32)
+            if may_unmap and not new_bitmap & BITMAP_ALL_ALLOC and host:
+                await self.set_entry(c_start, 0, new_bitmap)
+                self.free_entry(entry)
+                return True
+            if not self._in_place(entry) and host:
+                return False  # shared cluster with data left: COW by writing
+            if new_bitmap != bitmap:
+                await self.set_entry(c_start, entry, new_bitmap)
+            return True
+        if stop - pos < self.cs:
+            return False
+        if self.header.version < 3:
+            if not host and not entry & OFLAG_COMPRESSED:
+                return True  # unallocated, no backing: reads as zeroes already
+            if not may_unmap:
+                return False
+            await self.set_entry(c_start, 0)
+            self.free_entry(entry)
+            return True
+        if self._in_place(entry) and not may_unmap:
+            await self.set_entry(c_start, entry | OFLAG_ZERO)
+            return True
+        await self.set_entry(c_start, OFLAG_ZERO)
+        if host or entry & OFLAG_COMPRESSED:
+            self.free_entry(entry)
+        return True
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.discard_mode != "unmap":
+            return
+        self._check_writable()
+        start = -(-offset // self.cs) * self.cs
+        end = (offset + length) // self.cs * self.cs
+        if start >= end:
+            return
+        async with self._lock:
+            await self._before_write()
+            self._compressed_cache = None
+            for c_start in range(start, end, self.cs):
+                cluster = c_start >> self.cbits
+                l1_index, idx = divmod(cluster, self.l2_entries)
+                l2_off = self._l2_offset(l1_index)
+                if not l2_off and self.backing_node is None:
+                    continue
+                table = await self.l2_cache.get(l2_off) if l2_off else None
+                entry, bitmap = self.entry_pair(table, idx) if table is not None else (0, 0)
+                allocated = bool(entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)) or bool(
+                    bitmap & BITMAP_ALL_ALLOC)
+                if not allocated and self.backing_node is None:
+                    continue
+                if self.ext_l2:
+                    await self.set_entry(c_start, 0, BITMAP_ALL_ZERO)
+                else:
+                    await self.set_entry(c_start, OFLAG_ZERO if self.header.version >= 3 else 0)
+                self.free_entry(entry)
+            await self.refcounts.apply_frees()
+
+    # ----- flush / resize --------------------------------------------------
+    async def _flush_metadata(self) -> None:
+        await self.refcounts.apply_frees()
+        await self.write_back_metadata()
+
+    async def flush(self) -> None:
+        if self._writable:
+            async with self._lock:
+                await self._flush_metadata()
+        await super().flush()
+
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        if prealloc != "off":
+            raise GenericError(f"Unsupported preallocation mode: {prealloc}")
+        if size % 512:
+            raise GenericError("The new size must be a multiple of 512")
+        h = self.header
+        if size < h.size:
+            raise GenericError("qcow2 images cannot be shrunk by qsd")
+        self._check_writable()
+        async with self._lock:
+            if h.nb_snapshots and h.version < 3:
+                raise GenericError("Can't resize a v2 image which has internal snapshots")
+            needed = h.l1_entries_needed(size)
+            if needed > len(self.l1):
+                await self.refcounts.apply_frees()
+                await self.write_back_metadata()
+                await self.grow_l1(needed)
+            if h.autoclear & AUTOCLEAR_DATA_FILE_RAW:
+                await self.data_node.truncate(size, exact, prealloc)
+            h.size = size
+            await self.write_header()
+            self.size = size
+
+    # ----- block status ----------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        runs = await self.map_range(offset, min(length, STATUS_MAX))
+        extents: list[Extent] = []
+        for r in runs:
+            if r.kind is Kind.NORMAL:
+                m = self.data_node.host_extent(r.host, r.length)
+                fd, host_off = m if m is not None else (-1, 0)
+                extents.append(Extent(r.offset, r.length, True, False, 1, fd, host_off))
+            elif r.kind is Kind.COMPRESSED:
+                extents.append(Extent(r.offset, r.length, True, False, 1))
+            elif r.kind is Kind.ZERO:
+                extents.append(Extent(r.offset, r.length, False, True, 1))
+            else:
+                backing = self.backing_node
+                if backing is None or r.offset >= backing.size:
+                    extents.append(Extent(r.offset, r.length, False, True, 0))
+                    continue
+                sub = await backing.block_status(r.offset, min(r.length,
+                                                                backing.size - r.offset))
+                for e in sub:
+                    e.depth = e.depth + 1 if e.depth else 0
+                extents.extend(sub)
+                covered = sub[-1].offset + sub[-1].length
+                if covered < r.offset + r.length:
+                    if covered >= backing.size:
+                        extents.append(Extent(covered, r.offset + r.length - covered,
+                                              False, True, 0))
+                    else:
+                        break
+        return extents
+
+    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        host = self.peek_host(offset, length)
+        if host is None:
+            return None
+        return self.data_node.host_extent(host, length)
+
+    # ----- introspection -----------------------------------------------------
+    def cluster_size(self) -> int | None:
+        return self.header.cluster_size
+
+    def dirty_flag(self) -> bool:
+        return bool(self.header.incompatible & INCOMPAT_DIRTY)
+
+    def format_specific(self) -> dict[str, Any] | None:
+        h = self.header
+        data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10"}
+        if h.version >= 3:
+            if self.has_data_file:
+                data["data-file"] = h.data_file or ""
+                if not h.data_file:
+                    del data["data-file"]
+                data["data-file-raw"] = bool(h.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+            data["extended-l2"] = h.extended_l2
+            data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+            data["corrupt"] = bool(h.incompatible & INCOMPAT_CORRUPT)
+        data["refcount-bits"] = h.refcount_bits
+        data["compression-type"] = COMPRESSION_NAMES[h.compression_type]
+        return {"type": "qcow2", "data": data}
+
+    # ----- creation ----------------------------------------------------------
+    @classmethod
+    async def create(cls, ctx: "CreateContext", options: dict[str, Any]) -> None:
+        """blockdev-create (see :mod:`.create`)."""
+        await create_image(ctx, options)
+
+
+def _probe(path: str) -> str:
+    """Format of a backing file the image names without a format."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return "raw"  # the open itself reports the error
+    return "qcow2" if magic == MAGIC else "raw"
+
+
+def _zstd_decompress(raw: bytes, size: int) -> bytes:
+    """Decompress zstd frames until ``size`` bytes came out (trailing bytes
+    of the last sector are ignored, as the specification allows)."""
+    import zstandard
+    out = bytearray()
+    dctx = zstandard.ZstdDecompressor()
+    data = raw
+    while len(out) < size and data:
+        obj = dctx.decompressobj()
+        try:
+            out += obj.decompress(data)
+        except zstandard.ZstdError as e:
+            raise ValueError(str(e)) from None
+        data = obj.unused_data
+        if not obj.eof:
+            break
+    return bytes(out[:size])
+
