@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QSD_BIN = "qemu-storage-daemon"
+#: The checkout under test: ``python -m qsd`` must run it, not an installed copy.
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -94,7 +96,9 @@ class Session:
         self.log: list[bytes] = []
         self.conns: list[socket.socket] = []
         self.current = -1
-        self.proc = subprocess.Popen(daemon_argv(kind, args), cwd=workdir,
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(daemon_argv(kind, args), cwd=workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while not (workdir / "qmp.sock").exists():
