@@ -34,8 +34,8 @@ class Daemon:
         load_commands()
         load_drivers()
         self.schema = get_schema()
-        self.graph = Graph()
         self.objects = ObjectRegistry()
+        self.graph = Graph(self.objects)
         self.exports = ExportManager(self)
         self.chardevs: dict[str, "Chardev"] = {}
         self.monitors: list["Monitor"] = []

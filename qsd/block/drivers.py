@@ -10,6 +10,7 @@ DRIVER_MODULES = (
     "qsd.block.protocols.null",
     "qsd.block.formats.raw",
     "qsd.block.formats.qcow2",
+    "qsd.block.formats.luks",
 )
 
 

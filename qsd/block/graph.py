@@ -15,10 +15,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from qsd.block.node import DRIVERS, PERM_NAMES, Node, Perm, Role
 from qsd.qmp.errors import GenericError, QMPError
+
+if TYPE_CHECKING:
+    from qsd.objects import ObjectRegistry
 
 _NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 NODE_NAME_MAX = 31
@@ -64,9 +67,11 @@ class _Plan:
 class Graph:
     """All nodes of the daemon, by name, most recently created last."""
 
-    def __init__(self) -> None:
+    def __init__(self, objects: "ObjectRegistry | None" = None) -> None:
         self.nodes: dict[str, Node] = {}
         self._generated = 0
+        #: The daemon's objects, for drivers that open with secrets (luks).
+        self.objects = objects
 
     # ----- names -------------------------------------------------------
     def generate_name(self) -> str:

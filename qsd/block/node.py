@@ -130,6 +130,8 @@ class Node:
         self.cache_direct: bool = bool(cache.get("direct", False))
         self.cache_no_flush: bool = bool(cache.get("no-flush", False))
         self.size: int = 0
+        #: True when the node decrypts its data (query output's ``encrypted``).
+        self.encrypted: bool = False
         #: Smallest unit the driver can do I/O in; the node layer aligns to it.
         self.request_alignment: int = 1
         #: Largest single request (0: no limit).

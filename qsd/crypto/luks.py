@@ -55,13 +55,10 @@ Writes = list[tuple[int, bytes]]
 _LUKS_CIPHER_NAMES = ("aes", "cast5", "serpent", "twofish")
 
 
-def _cstr(raw: bytes, what: str) -> str:
-    """A NUL-terminated ASCII header field."""
-    text = raw.split(b"\0", 1)[0]
-    try:
-        return text.decode("ascii")
-    except UnicodeDecodeError:
-        raise GenericError(f"LUKS header {what} is not ASCII") from None
+def _cstr(raw: bytes) -> str:
+    """A NUL-terminated header string; QEMU takes any bytes (a binary uuid
+    opens), and non-ASCII names simply match no algorithm."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _round_up(value: int, align: int) -> int:
@@ -232,39 +229,10 @@ class LuksHeader:
             if active not in (KEY_ACTIVE, KEY_DISABLED):
                 raise GenericError(f"Keyslot {i} state (active/disable) is corrupted")
             slots.append(LuksSlot(active == KEY_ACTIVE, iters, ssalt, koff, stripes))
-        header = cls(_cstr(cname, "cipher name"), _cstr(cmode, "cipher mode"),
-                     _cstr(hspec, "hash spec"), payload, key_bytes, digest, salt, mk_iters,
-                     _cstr(uuid, "uuid"), slots)
-        header.check(limit)
-        return header
-
-    def check(self, limit: int | None) -> None:
-        """Bounds checks that keep hostile headers from steering reads."""
-        header_sectors = -(-HEADER_SIZE // SECTOR_SIZE)
-        if self.mk_iterations == 0:
-            raise GenericError("LUKS master key iteration count is zero")
-        if self.payload_offset < header_sectors:
-            raise GenericError("LUKS payload is overlapping with the header")
-        if limit is not None and self.payload_bytes > limit:
-            raise GenericError(f"LUKS payload offset {self.payload_bytes} is beyond the end "
-                               f"of the image ({limit} bytes)")
-        spans = []
-        for i, slot in enumerate(self.slots):
-            if slot.stripes != STRIPES:
-                raise GenericError(f"Keyslot {i} is corrupted (stripes {slot.stripes} != "
-                                   f"{STRIPES})")
-            if slot.active and slot.iterations == 0:
-                raise GenericError(f"Keyslot {i} is corrupted (iteration count is zero)")
-            start = slot.key_offset
-            end = start + split_sectors(self.key_bytes, slot.stripes)
-            if start < header_sectors:
-                raise GenericError(f"Keyslot {i} is overlapping with the LUKS header")
-            if end > self.payload_offset:
-                raise GenericError(f"Keyslot {i} is overlapping with the encrypted payload")
-            for j, (s2, e2) in enumerate(spans):
-                if start < e2 and s2 < end:
-                    raise GenericError(f"Keyslots {j} and {i} are overlapping in the header")
-            spans.append((start, end))
+        # The layout is checked before the cipher is looked at, as QEMU does.
+        _check_layout(payload, key_bytes, mk_iters, slots, limit)
+        return cls(_cstr(cname), _cstr(cmode), _cstr(hspec), payload, key_bytes, digest, salt,
+                   mk_iters, _cstr(uuid), slots)
 
     def pack(self) -> bytes:
         out = bytearray(_HDR.pack(MAGIC, VERSION, self.cipher_name.encode(),
@@ -289,31 +257,59 @@ class LuksHeader:
         return out
 
 
+def _check_layout(payload_offset: int, key_bytes: int, mk_iterations: int,
+                  slots: list[LuksSlot], limit: int | None) -> None:
+    """Bounds checks that keep a hostile header from steering reads or
+    allocations: stripes are fixed, so key material is at most 256 KB, and
+    it must lie between the header and the payload, which lies in the image."""
+    header_sectors = -(-HEADER_SIZE // SECTOR_SIZE)
+    if payload_offset < header_sectors:
+        raise GenericError("LUKS payload is overlapping with the header")
+    if mk_iterations == 0:
+        raise GenericError("LUKS key iteration count is zero")
+    spans: list[tuple[int, int]] = []
+    for i, slot in enumerate(slots):
+        if slot.active and slot.iterations == 0:
+            raise GenericError(f"Keyslot {i} iteration count is zero")
+        if slot.stripes != STRIPES:
+            raise GenericError(f"Keyslot {i} is corrupted (stripes {slot.stripes} != "
+                               f"{STRIPES})")
+        start = slot.key_offset
+        end = start + split_sectors(key_bytes, slot.stripes)
+        if start < header_sectors:
+            raise GenericError(f"Keyslot {i} is overlapping with the LUKS header")
+        if end > payload_offset:
+            raise GenericError(f"Keyslot {i} is overlapping with the encrypted payload")
+        for j, (s2, e2) in enumerate(spans):
+            if start < e2 and s2 < end:
+                raise GenericError(f"Keyslots {j} and {i} are overlapping in the header")
+        spans.append((start, end))
+    if limit is not None and payload_offset * SECTOR_SIZE > limit:
+        raise GenericError(f"LUKS payload offset {payload_offset * SECTOR_SIZE} is beyond "
+                           f"the end of the image ({limit} bytes)")
+
+
 def _parse_cipher(name: str, mode_spec: str, key_bytes: int) -> CipherSpec:
     """``aes`` + ``xts-plain64`` + 64 bytes -> aes-256/xts/plain64."""
     mode, sep, ivspec = mode_spec.partition("-")
     if not sep:
-        raise GenericError(f"Unexpected cipher mode string format {mode_spec}")
+        raise GenericError(f"Unexpected cipher mode string format '{mode_spec}'")
     if mode not in MODES:
-        raise GenericError(f"Cipher mode '{mode}' is not supported")
+        raise GenericError(f"Cipher mode '{mode}' not supported")
     ivgen, sep, ivhash = ivspec.partition(":")
     if ivgen not in IVGENS:
-        raise GenericError(f"IV generator '{ivgen}' is not supported")
+        raise GenericError(f"IV generator '{ivgen}' not supported")
     ivgen_hash = None
     if ivgen == "essiv":
         if not sep:
             raise GenericError("Missing IV generator hash specification")
         ivgen_hash = _parse_hash(ivhash)
     nkey = key_bytes // 2 if mode == "xts" else key_bytes
-    if name not in _LUKS_CIPHER_NAMES or (mode == "xts" and key_bytes % 2):
-        raise GenericError(f"Cipher name '{name}' with key size {key_bytes} bytes "
-                           "is not supported")
     for alg, (family, size, _) in CIPHER_ALGS.items():
-        if family == name and size == nkey:
+        if family == name and name in _LUKS_CIPHER_NAMES and size == nkey:
             break
     else:
-        raise GenericError(f"Cipher name '{name}' with key size {key_bytes} bytes "
-                           "is not supported")
+        raise GenericError(f"Algorithm '{name}' with key size {nkey} bytes not supported")
     spec = CipherSpec(alg, mode, ivgen, ivgen_hash)
     check_cipher_supported(alg, mode)
     if ivgen_hash is not None:
@@ -323,7 +319,7 @@ def _parse_cipher(name: str, mode_spec: str, key_bytes: int) -> CipherSpec:
 
 def _parse_hash(name: str) -> str:
     if name not in HASH_ALGS:
-        raise GenericError(f"Hash algorithm '{name}' is not supported")
+        raise GenericError(f"Hash algorithm '{name}' not supported")
     return name
 
 

@@ -53,6 +53,8 @@ def image_info(node: Node, nested: bool) -> dict[str, Any]:
     cluster = node.cluster_size()
     if cluster is not None:
         info["cluster-size"] = cluster
+    if node.encrypted:
+        info["encrypted"] = True
     backing = _backing(node)
     if backing is not None:
         info["backing-filename"] = backing.filename
@@ -78,7 +80,7 @@ def node_info(node: Node, flat: bool) -> dict[str, Any]:
             depth += 1
             backing = _backing(backing)
     info["backing_file_depth"] = depth
-    info["encrypted"] = False
+    info["encrypted"] = node.encrypted
     info["detect_zeroes"] = node.detect_zeroes
     for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
         info[key] = 0
