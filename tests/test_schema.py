@@ -518,7 +518,7 @@ def test_introspection_shape(schema: Schema) -> None:
     assert info[0] == {"name": "query-block", "ret-type": "[1]", "meta-type": "command", "arg-type": "0"}
     assert by_name["0"] == {"name": "0", "members": [], "meta-type": "object"}
     assert {e["name"]: e["json-type"] for e in info if e["meta-type"] == "builtin"} == {
-        "str": "string", "int": "int", "bool": "boolean", "any": "value"}
+        "str": "string", "int": "int", "bool": "boolean", "any": "value", "null": "null"}
     blockdev_add = by_name[by_name["blockdev-add"]["arg-type"]]
     assert blockdev_add["tag"] == "driver"
     assert [m["name"] for m in blockdev_add["members"]] == [
