@@ -23,7 +23,7 @@ from qsd.crypto.cipher import SectorCipher
 from qsd.crypto.luks import (HEADER_SIZE, LuksCreateOptions, LuksHeader, af_merge, af_split,
                              create_volume, open_volume)
 from qsd.daemon import Daemon
-from qsd.qmp.errors import GenericError
+from qsd.qmp.errors import GenericError, QMPError
 
 PASSWORD = "passw0rd"
 MiB = 1 << 20
@@ -398,3 +398,14 @@ def test_mutated_header_unlock_fails_cleanly(pos: int, byte: int) -> None:
         run(open_volume(read, len(image), b"pw"))
     except GenericError as e:
         assert e.desc
+
+
+def test_blockdev_create_schema_has_luks() -> None:
+    """BlockdevCreateOptionsLUKS: QCryptoBlockCreateOptionsLUKS plus file/size/preallocation."""
+    from qsd.schema import get_schema
+    opts = {"driver": "luks", "file": "f", "size": MiB, "key-secret": "s", "cipher-alg": "aes-128",
+            "cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha256",
+            "hash-alg": "sha1", "iter-time": 10, "preallocation": "off"}
+    assert get_schema().validate_type("BlockdevCreateOptions", opts) == opts
+    with pytest.raises(QMPError, match="^Parameter 'size' is missing$"):
+        get_schema().validate_type("BlockdevCreateOptions", {"driver": "luks", "file": "f"})
