@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from qsd.qmp.errors import GenericError
+from qsd.sockets import (inherited_socket, listen_fd, listen_tcp, listen_unix, resolve,
+                         unix_address, unlink_if_same)
 
 log = logging.getLogger("qsd.chardev")
 
@@ -410,108 +412,11 @@ class SocketServerChardev(Chardev):
         if self._pending is not None:
             self._pending.close()
         if self._unix_file is not None:
-            path, dev, ino = self._unix_file
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            unlink_if_same(*self._unix_file)
 
 
 # ---------------------------------------------------------------------------
 # Creation from --chardev options
-
-
-def _unix_address(path: str, abstract: bool, tight: bool) -> str | bytes:
-    if len(path.encode()) >= _UNIX_PATH_MAX:
-        raise GenericError(f"UNIX socket path '{path}' is too long\n"
-                           f"Path must be less than {_UNIX_PATH_MAX} bytes")
-    if not abstract:
-        return path
-    name = b"\0" + path.encode()
-    return name if tight else name.ljust(_UNIX_PATH_MAX, b"\0")
-
-
-def _listen_unix(path: str, abstract: bool, tight: bool) -> socket.socket:
-    address = _unix_address(path, abstract, tight)
-    if not abstract:
-        try:
-            os.unlink(path)             # a stale socket from a crashed daemon
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise GenericError(f"Failed to unlink socket {path}: {_strerror(err)}") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(address)
-        sock.listen(_LISTEN_BACKLOG)
-    except OSError as err:
-        sock.close()
-        raise GenericError(f"Failed to bind socket to {path}: {_strerror(err)}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _resolve(host: str, port: str, opts: Mapping[str, Any], passive: bool) -> list[tuple[Any, ...]]:
-    family = socket.AF_UNSPEC
-    if opts.get("ipv4") and not opts.get("ipv6"):
-        family = socket.AF_INET
-    elif opts.get("ipv6") and not opts.get("ipv4"):
-        family = socket.AF_INET6
-    try:
-        return socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
-                                  socket.AI_PASSIVE if passive else 0)
-    except socket.gaierror as err:
-        raise GenericError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
-
-
-def _listen_tcp(host: str, port: str, opts: Mapping[str, Any]) -> list[socket.socket]:
-    infos = _resolve(host, port, opts, passive=True)
-    families = {info[0] for info in infos}
-    last = opts.get("to")
-    listeners: list[socket.socket] = []
-    try:
-        for af, kind, proto, _, addr in infos:
-            sock = socket.socket(af, kind, proto)
-            listeners.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if af == socket.AF_INET6 and socket.AF_INET in families:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            first = addr[1]
-            error = 0
-            for candidate in range(first, max(first, last or first) + 1):
-                try:
-                    sock.bind((addr[0], candidate, *addr[2:]))
-                    sock.listen(_LISTEN_BACKLOG)
-                    break
-                except OSError as err:
-                    error = err.errno or errno.EADDRINUSE
-            else:
-                raise GenericError(f"Failed to find an available port: {os.strerror(error)}")
-            sock.setblocking(False)
-    except BaseException:
-        for sock in listeners:
-            sock.close()
-        raise
-    return listeners
-
-
-def _inherited_socket(text: str) -> socket.socket:
-    try:
-        fd = int(text, 10)
-        if fd < 0:
-            raise ValueError(text)
-    except ValueError:
-        raise GenericError(f"Unable to parse FD number {text}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as err:
-        raise GenericError(f"File descriptor '{text}' is not a socket"
-                           if err.errno == errno.EBADF else _strerror(err)) from None
-    if not stat.S_ISSOCK(mode):
-        raise GenericError(f"File descriptor '{text}' is not a socket")
-    return socket.socket(fileno=fd)
 
 
 def _connect(opts: Mapping[str, Any]) -> socket.socket:
@@ -519,7 +424,7 @@ def _connect(opts: Mapping[str, Any]) -> socket.socket:
         path = opts["path"]
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(_unix_address(path, bool(opts.get("abstract")), opts.get("tight", True)))
+            sock.connect(unix_address(path, bool(opts.get("abstract")), opts.get("tight", True)))
         except OSError as err:
             sock.close()
             raise GenericError(f"Failed to connect to '{path}': {_strerror(err)}") from None
@@ -527,7 +432,7 @@ def _connect(opts: Mapping[str, Any]) -> socket.socket:
     if "host" in opts:
         host, port = opts["host"], opts.get("port", "")
         error = errno.ECONNREFUSED
-        for af, kind, proto, _, addr in _resolve(host, port, opts, passive=False):
+        for af, kind, proto, _, addr in resolve(host, port, opts, passive=False):
             sock = socket.socket(af, kind, proto)
             try:
                 sock.connect(addr)
@@ -536,7 +441,7 @@ def _connect(opts: Mapping[str, Any]) -> socket.socket:
                 error = err.errno or error
                 sock.close()
         raise GenericError(f"Failed to connect to '{host}:{port}': {os.strerror(error)}")
-    return _inherited_socket(opts.get("fd", ""))
+    return inherited_socket(opts.get("fd", ""))
 
 
 def _describe(opts: Mapping[str, Any]) -> str:
@@ -576,15 +481,13 @@ async def _open_socket(chardev_id: str, opts: Mapping[str, Any], held: bool,
     unix_path = None
     if "path" in opts:
         abstract = bool(opts.get("abstract"))
-        listeners = [_listen_unix(opts["path"], abstract, opts.get("tight", True))]
+        listeners = [listen_unix(opts["path"], abstract, opts.get("tight", True),
+                                 _LISTEN_BACKLOG)]
         unix_path = None if abstract else opts["path"]
     elif "host" in opts:
-        listeners = _listen_tcp(opts["host"], opts["port"], opts)
+        listeners = listen_tcp(opts["host"], opts["port"], opts, _LISTEN_BACKLOG)
     else:
-        sock = _inherited_socket(opts.get("fd", ""))
-        sock.listen(_LISTEN_BACKLOG)
-        sock.setblocking(False)
-        listeners = [sock]
+        listeners = [listen_fd(opts.get("fd", ""), _LISTEN_BACKLOG)]
     chardev = SocketServerChardev(chardev_id, held, listeners, unix_path)
     if opts.get("wait", True):
         info(f"info: QEMU waiting for connection on: {_describe(opts)}")

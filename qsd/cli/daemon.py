@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from qsd import QEMU_VERSION, __version__
 from qsd.chardev import BACKENDS, OPTION_TYPES, open_chardev
 from qsd.qmp.errors import QMPError
+from qsd.sockets import unlink_if_same
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
@@ -694,13 +695,7 @@ class PidFile:
 
     def remove(self) -> None:
         if self._identity is not None:
-            path, dev, ino = self._identity
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            unlink_if_same(*self._identity)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = self._identity = None

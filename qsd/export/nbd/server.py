@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import ssl
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -60,6 +59,7 @@ from qsd.export.nbd.protocol import (
     simple_reply,
 )
 from qsd.qmp.errors import GenericError
+from qsd.sockets import listen
 
 if TYPE_CHECKING:
     from qsd.block.node import Node
@@ -591,7 +591,7 @@ class NBDServer:
     # ----- listeners ----------------------------------------------------
     async def start(self, addr: dict[str, Any]) -> None:
         """Listen on a flat SocketAddress; errors carry QEMU's texts."""
-        socks = _listen(addr)
+        socks = listen(addr, LISTEN_BACKLOG)
         loop = asyncio.get_running_loop()
         for sock in socks:
             sock.setblocking(False)
@@ -686,89 +686,3 @@ class NBDServer:
         if clients:
             await asyncio.gather(*(c.finished for c in clients))
         self._exports.clear()
-
-
-def _listen(addr: dict[str, Any]) -> list[socket.socket]:
-    kind = addr.get("type")
-    if kind == "unix":
-        return [_listen_unix(addr)]
-    if kind == "inet":
-        return _listen_inet(addr)
-    if kind == "fd":
-        return [_listen_fd(str(addr["str"]))]
-    raise GenericError("Invalid parameter type for 'addr.type', expected: SocketAddressType")
-
-
-def _listen_unix(addr: dict[str, Any]) -> socket.socket:
-    path = addr["path"]
-    bind_to: str | bytes
-    if addr.get("abstract"):
-        name = b"\0" + path.encode()
-        bind_to = name if addr.get("tight", True) else name.ljust(108, b"\0")
-    else:
-        bind_to = path
-        try:
-            os.unlink(path)         # QEMU replaces whatever is at the path
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise GenericError(f"Failed to unlink socket {path}: {_strerror(e)}") from e
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(bind_to)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as e:
-        sock.close()
-        raise GenericError(f"Failed to bind socket to {path}: {_strerror(e)}") from e
-    return sock
-
-
-def _listen_inet(addr: dict[str, Any]) -> list[socket.socket]:
-    host = addr.get("host") or None
-    port = str(addr.get("port", ""))
-    family = socket.AF_UNSPEC
-    if addr.get("ipv4") and not addr.get("ipv6"):
-        family = socket.AF_INET
-    elif addr.get("ipv6") and not addr.get("ipv4"):
-        family = socket.AF_INET6
-    try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise GenericError(f"address resolution failed for {addr.get('host', '')}:{port}: "
-                           f"{e.strerror}") from e
-    socks: list[socket.socket] = []
-    last: OSError | None = None
-    for fam, stype, proto, _, sockaddr in infos:
-        sock = socket.socket(fam, stype, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as e:
-            sock.close()
-            last = e
-            continue
-        socks.append(sock)
-    if not socks:
-        reason = _strerror(last) if last is not None else "no address"
-        raise GenericError(f"Failed to find an available port: {reason}")
-    return socks
-
-
-def _listen_fd(text: str) -> socket.socket:
-    try:
-        fd = int(text)
-    except ValueError:
-        raise GenericError(f"Unable to parse FD number {text}") from None
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise OSError(errno.ENOTSOCK, "not a socket")
-        sock = socket.socket(fileno=fd)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        raise GenericError(f"File descriptor '{text}' is not a socket") from None
-    return sock
-
