@@ -16,7 +16,8 @@ cd "$here"
 #  - qemu-utils (qemu-img, qemu-io, qemu-nbd), qemu-system-common (qemu-storage-daemon),
 #    qemu-block-extra: the reference tools the differential tests compare against;
 #  - libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, nbdkit, socat: NBD/QMP peers;
-#  - fio (its "nbd" ioengine is built in Debian's fio 3.33): the load generator of bench/.
+#  - fio (its "nbd" ioengine is built in Debian's fio 3.33): the load generator of bench/;
+#  - cryptsetup-bin: cryptsetup luksDump, an oracle for the LUKS headers qsd writes.
 APT_PACKAGES=(
     qemu-utils
     qemu-system-common
@@ -26,6 +27,7 @@ APT_PACKAGES=(
     nbdkit
     socat
     fio
+    cryptsetup-bin
 )
 
 PYTHON=${PYTHON:-python3}
