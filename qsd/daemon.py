@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from qsd.block.drivers import load_drivers
 from qsd.block.graph import Graph
 from qsd.export.manager import ExportManager
+from qsd.jobs.job import JobRegistry
 from qsd.objects import ObjectRegistry
 from qsd.qmp.dispatch import COMMANDS, load_commands
 from qsd.qmp.errors import CommandNotFound, GenericError
@@ -37,6 +38,7 @@ class Daemon:
         self.objects = ObjectRegistry()
         self.graph = Graph(self.objects)
         self.exports = ExportManager(self)
+        self.jobs = JobRegistry()
         self.chardevs: dict[str, "Chardev"] = {}
         self.monitors: list["Monitor"] = []
         self._shutdown = asyncio.Event()
@@ -87,6 +89,7 @@ class Daemon:
             return
         self._quit_done = True
         await self.exports.remove_all()
+        await self.jobs.cancel_all()
 
     async def shutdown(self) -> None:
         """Tear everything down after the shutdown request."""

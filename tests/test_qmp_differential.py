@@ -4,7 +4,8 @@ qsd, compared byte for byte after normalisation (see tests/qmpdiff.py).
 
 The sessions follow the recorded transcripts a, a2, a3, n, g, i and m in
 ../shared/reference/qsd-7.2/transcripts, restricted to what this daemon
-implements (raw/file/null nodes instead of qcow2, no jobs yet).
+implements (raw/file/null nodes instead of qcow2); the job sessions follow b
+and m with file images and probes of QSD 7.2.
 """
 
 from __future__ import annotations
@@ -209,6 +210,127 @@ SESSIONS: dict[str, tuple[str | None, list]] = {
     ]),
 }
 
+def _create(job_id: str, options: str, req_id: int) -> str:
+    return ('{"execute": "blockdev-create", "arguments": {"job-id": "%s", "options": %s}, "id": %d}\n'
+            % (job_id, options, req_id))
+
+
+def _job(verb: str, job_id: str, req_id: int, key: str = "id") -> str:
+    return '{"execute": "%s", "arguments": {"%s": "%s"}, "id": %d}\n' % (verb, key, job_id, req_id)
+
+
+QUERY_JOBS = '{"execute": "query-jobs"}\n'
+
+# blockdev-create of file images (transcript b, probes of QSD 7.2): the job's
+# events around the reply, query-jobs, job-dismiss, failures before and after
+# the reply, what happens to an existing file, and the lock check.
+JOB_SESSIONS: dict[str, tuple[str | None, list]] = {
+    "blockdev-create-file": ("printf 'hello world' > old.img && mkdir dir && truncate -s 2M locked.img", [
+        CAPS,
+        '{"execute": "x-blockdev-create", "arguments": {"job-id": "j", "options": {"driver": "file", "filename": "x", "size": 0}}, "id": 1}\n',
+        _create("create-file", '{"driver": "file", "filename": "disk.img", "size": 0}', 2),
+        QUERY_JOBS,
+        _job("job-dismiss", "create-file", 3),
+        _job("job-dismiss", "create-file", 4),
+        _create("old", '{"driver": "file", "filename": "old.img", "size": 1000}', 5),
+        _job("job-dismiss", "old", 6),
+        Shell("stat -c '%n %s %a' disk.img old.img && od -An -c old.img | head -2"),
+        _create("j1", '{"driver": "file", "filename": "j1.img", "size": 65536, "preallocation": "falloc"}', 7),
+        _create("j2", '{"driver": "file", "filename": "j2.img", "size": 70000, "preallocation": "full"}', 8),
+        _create("j1", '{"driver": "file", "filename": "j3.img", "size": 0}', 9),
+        _create("j3", '{"driver": "file", "filename": "j3.img", "size": 1048576, "nocow": true, "extent-size-hint": 0}', 10),
+        _create("j4", '{"driver": "file", "filename": "j4.img", "size": 4096, "extent-size-hint": 4294967295}', 11),
+        QUERY_JOBS,
+        '{"execute": "query-block-jobs"}\n',
+        _job("job-dismiss", "j2", 12), _job("job-dismiss", "j1", 13),
+        _job("job-dismiss", "j3", 14), _job("job-dismiss", "j4", 15),
+        Shell("stat -c '%n %s %b' j1.img j2.img j3.img j4.img; ls j3.img"),
+        # refused before any job exists
+        _create("", '{"driver": "file", "filename": "x.img", "size": 0}', 20),
+        _create("1x", '{"driver": "file", "filename": "x.img", "size": 0}', 21),
+        _create("x@y", '{"driver": "file", "filename": "x.img", "size": 0}', 22),
+        _create("a b", '{"driver": "raw"}', 23),
+        _create("r", '{"driver": "raw"}', 24),
+        _create("r", '{"driver": "null-co"}', 25),
+        _create("r", '{"driver": "host_device"}', 26),
+        _create("r", '{"driver": "raw", "size": 1}', 27),
+        _create("r", '{"driver": "nosuch"}', 28),
+        _create("r", '{"driver": "file", "size": 0}', 29),
+        _create("r", '{"driver": "file", "filename": "x.img", "size": "1"}', 30),
+        _create("r", '{"driver": "file", "filename": "x.img", "size": 0, "preallocation": "bogus"}', 31),
+        '{"execute": "blockdev-create", "arguments": {"options": {"driver": "file", "filename": "x.img", "size": 0}}, "id": 32}\n',
+        '{"execute": "blockdev-create", "arguments": {"job-id": "r"}, "id": 33}\n',
+        Shell("ls x.img 2>&1 | sed 's/.*: //'"),
+        # failures: before the reply (open) and after it (truncate)
+        _create("f1", '{"driver": "file", "filename": "nodir/x.img", "size": 0}', 40),
+        _create("f2", '{"driver": "file", "filename": "dir", "size": 0}', 41),
+        _create("f3", '{"driver": "file", "filename": "", "size": 0}', 42),
+        _create("f4", '{"driver": "file", "filename": "meta.img", "size": 1048576, "preallocation": "metadata"}', 43),
+        _create("f5", '{"driver": "file", "filename": "neg.img", "size": -1}', 44),
+        _create("f6", '{"driver": "file", "filename": "big.img", "size": 9223372036854775807}', 45),
+        _create("f7", '{"driver": "file", "filename": "hint.img", "size": 0, "extent-size-hint": 4294967296}', 46),
+        _create("f8", '{"driver": "file", "filename": "negfull.img", "size": -1, "preallocation": "full"}', 47),
+        QUERY_JOBS,
+        *[_job("job-dismiss", f"f{i}", 50 + i) for i in range(1, 9)],
+        Shell("stat -c '%n %s' meta.img neg.img big.img; ls hint.img 2>&1 | sed 's/.*: //'"),
+        # the file is in use by a node with a writable export: lock error, file untouched
+        '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "locked.img"}}, "id": 60}\n',
+        '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}, "id": 61}\n',
+        '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "r", "writable": true}, "id": 62}\n',
+        _create("l1", '{"driver": "file", "filename": "locked.img", "size": 1048576}', 63),
+        QUERY_JOBS,
+        _job("job-dismiss", "l1", 64),
+        Shell("stat -c '%n %s' locked.img"),
+        '{"execute": "block-export-del", "arguments": {"id": "e"}, "id": 65}\n',
+        '{"execute": "blockdev-del", "arguments": {"node-name": "r"}, "id": 66}\n',
+        _create("l2", '{"driver": "file", "filename": "locked.img", "size": 1048576}', 67),
+        _job("job-dismiss", "l2", 68),
+        Shell("stat -c '%n %s' locked.img"),
+    ]),
+    # every verb on a create job, in concluded state and gone
+    "create-job-verbs": (None, [
+        CAPS,
+        _create("c", '{"driver": "file", "filename": "c.img", "size": 0}', 1),
+        _job("job-pause", "c", 2), _job("job-resume", "c", 3), _job("job-cancel", "c", 4),
+        _job("job-complete", "c", 5), _job("job-finalize", "c", 6),
+        _job("block-job-pause", "c", 7, "device"), _job("block-job-resume", "c", 8, "device"),
+        _job("block-job-cancel", "c", 9, "device"), _job("block-job-complete", "c", 10, "device"),
+        _job("block-job-dismiss", "c", 11), _job("block-job-finalize", "c", 12),
+        '{"execute": "block-job-set-speed", "arguments": {"device": "c", "speed": 1}, "id": 13}\n',
+        '{"execute": "block-job-cancel", "arguments": {"device": "c", "force": true}, "id": 14}\n',
+        '{"execute": "query-block-jobs", "id": 15}\n',
+        _job("job-dismiss", "c", 16),
+        *[_job(verb, "c", 20 + i) for i, verb in enumerate(
+            ["job-pause", "job-resume", "job-cancel", "job-complete", "job-finalize", "job-dismiss"])],
+        '{"execute": "block-job-set-speed", "arguments": {"device": "nope", "speed": -1}, "id": 30}\n',
+        '{"execute": "block-job-cancel", "arguments": {"device": "nope", "force": false}, "id": 31}\n',
+        '{"execute": "job-pause", "arguments": {"id": ""}, "id": 32}\n',
+        '{"execute": "job-pause", "arguments": {}, "id": 33}\n',
+        '{"execute": "block-job-set-speed", "arguments": {"device": "nope"}, "id": 34}\n',
+        '{"execute": "query-jobs", "id": 35}\n',
+    ]),
+    # quit dismisses concluded create jobs (null) before its reply
+    "quit-with-jobs": (None, [
+        CAPS,
+        _create("q1", '{"driver": "file", "filename": "q1.img", "size": 0}', 1),
+        _create("q2", '{"driver": "file", "filename": "nodir/q2.img", "size": 0}', 2),
+        '{"execute": "quit", "id": 3}\n',
+        Wait(),
+    ]),
+    # transcript m: a job started on one monitor, seen and dismissed on the other
+    "two-monitors-jobs": (None, [
+        CAPS,
+        Connect("qmp2.sock"),
+        CAPS,
+        Switch(0),
+        _create("j1", '{"driver": "file", "filename": "tm1.img", "size": 0}', 1),
+        Switch(1),
+        _job("job-dismiss", "j1", 2),
+        QUERY_JOBS,
+    ]),
+}
+SESSIONS.update(JOB_SESSIONS)
+
 TWO_MONITORS = ["--chardev", "socket,path=qmp.sock,server=on,wait=off,id=char0",
                 "--monitor", "chardev=char0",
                 "--chardev", "socket,path=qmp2.sock,server=on,wait=off,id=char1",
@@ -218,8 +340,8 @@ TWO_MONITORS = ["--chardev", "socket,path=qmp.sock,server=on,wait=off,id=char0",
 @pytest.mark.parametrize("name", sorted(SESSIONS))
 def test_session_matches_qsd(name: str, tmp_path) -> None:
     setup, steps = SESSIONS[name]
-    args = TWO_MONITORS if name == "two-monitors" else None
-    if name == "quit":
+    args = TWO_MONITORS if name.startswith("two-monitors") else None
+    if name.startswith("quit"):
         args = [*(args or TWO_MONITORS[:4]), "--pidfile", "qsd.pid"]
     theirs = run_session("qemu", tmp_path / "qemu", steps, args, setup)
     ours = run_session("qsd", tmp_path / "qsd", steps, args, setup)

@@ -102,7 +102,10 @@ class ExportManager:
             bname = bitmap if isinstance(bitmap, str) else bitmap["name"]
             raise GenericError(f"Bitmap '{bname}' is not found")
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
-        edge = await self.daemon.graph.attach_user(node, f"export '{eid}'", perm, Perm.all())
+        # As QSD: nobody may resize a node while it is exported over NBD
+        # (other processes see the resize lock byte unshared).
+        edge = await self.daemon.graph.attach_user(node, f"export '{eid}'", perm,
+                                                   Perm.all() & ~Perm.RESIZE)
         export = Export(eid, "nbd", node_name, edge, name)
         try:
             self.nbd.add_export(NBDExportConfig(

@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 
 from qsd.block.aio import run_blocking
 from qsd.block.locking import ImageLock, ofd_supported
-from qsd.block.node import Extent, Node, Perm, register_driver
+from qsd.block.node import CreateContext, Extent, Node, Perm, register_driver
+from qsd.block.protocols.file_create import create_file
 from qsd.qmp.errors import GenericError
 
 T = TypeVar("T")
@@ -180,6 +181,11 @@ class FileNode(Node):
         self._pending_fd = -1  # read-write fd opened by check_perm (auto-read-only)
         self._inflight: set[asyncio.Future[Any]] = set()
         self._pool_writes_until = 0.0
+
+    @classmethod
+    async def create(cls, ctx: CreateContext, options: dict[str, Any]) -> None:
+        """blockdev-create: a new (or emptied) host file; see file_create."""
+        await create_file(options)
 
     def _check_type(self, st: os.stat_result, filename: str) -> None:
         if not stat.S_ISREG(st.st_mode):
