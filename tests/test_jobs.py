@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from qsd.block.node import DRIVERS, CreateContext
+from qsd.block.protocols.null import NullCoNode
 from qsd.daemon import Daemon
 from qsd.jobs.job import TRANSITIONS, VERBS, BlockJob, Job, StateMachine
 from qsd.jobs.ratelimit import SLICE_S, RateLimit
@@ -515,7 +517,11 @@ def test_cancel_created_job() -> None:
         h = Harness()
         job = CopyJob(h.daemon, "c0")
         await h.qmp("job-cancel", id="c0")
-        assert h.take() == ["c0:created", "c0:null", "reply job-cancel"]
+        assert h.take() == ["c0:created", "c0:aborting", "c0:concluded", "c0:null", "reply job-cancel"]
+        assert job.calls == ["abort", "clean"]
+        unused = CopyJob(h.daemon, "c1")
+        unused.discard()   # a set-up failure before start: created → null
+        assert h.take() == ["c1:created", "c1:null"]
         assert job.status == "null" and h.daemon.jobs.newest_first() == []
     run(main())
 
@@ -616,4 +622,69 @@ def test_blockdev_create_events_around_reply(tmp_path: Path) -> None:
             "Driver does not support blockdev-create"
         await h.qmp("job-dismiss", id="ok")
         await h.qmp("job-dismiss", id="bad")
+    run(main())
+
+
+class SlowCreate(NullCoNode):
+    """null-co with a create that waits until the test lets it finish."""
+
+    release: asyncio.Event
+
+    @classmethod
+    async def create(cls, ctx: CreateContext, options: dict[str, Any]) -> None:
+        await cls.release.wait()
+
+
+@pytest.fixture
+def slow_create(monkeypatch: pytest.MonkeyPatch) -> type[SlowCreate]:
+    monkeypatch.setitem(DRIVERS, "null-co", SlowCreate)
+    return SlowCreate
+
+
+def test_running_create_job_verbs(slow_create: type[SlowCreate]) -> None:
+    """A create job has no pause points: pause is accepted but shows nothing,
+    cancel takes effect when the driver returns ("Operation canceled")."""
+    async def main() -> None:
+        h = Harness()
+        slow_create.release = asyncio.Event()
+        await h.qmp("blockdev-create", **{"job-id": "s", "options": {"driver": "null-co"}})
+        assert await h.qmp("query-jobs") == [{"id": "s", "type": "create", "status": "running",
+                                              "current-progress": 0, "total-progress": 1}]
+        assert await h.error("job-complete", id="s") == "Job 's' in state 'running' cannot accept command verb 'complete'"
+        assert await h.error("job-dismiss", id="s") == "Job 's' in state 'running' cannot accept command verb 'dismiss'"
+        await h.qmp("job-pause", id="s")
+        await h.qmp("job-resume", id="s")
+        await h.qmp("job-cancel", id="s")
+        assert h.take() == ["s:created", "s:running", "reply blockdev-create", "reply query-jobs", "reply job-pause",
+                            "reply job-resume", "reply job-cancel"]
+        slow_create.release.set()
+        await idle()
+        assert h.take() == ["s:aborting", "s:concluded"]
+        assert (await h.qmp("query-jobs"))[0]["error"] == "Operation canceled"
+        await h.qmp("job-dismiss", id="s")
+    run(main())
+
+
+def test_quit_waits_for_running_create_job(slow_create: type[SlowCreate]) -> None:
+    async def main() -> None:
+        h = Harness()
+        slow_create.release = asyncio.Event()
+        await h.qmp("blockdev-create", **{"job-id": "s", "options": {"driver": "null-co"}})
+        asyncio.get_running_loop().call_later(0.05, slow_create.release.set)
+        h.log.clear()
+        await h.qmp("quit")
+        assert h.take() == ["s:aborting", "s:concluded", "s:null", "reply quit"]
+    run(main())
+
+
+def test_job_paused_before_start_waits() -> None:
+    async def main() -> None:
+        h = Harness()
+        job = CopyJob(h.daemon, "early")
+        await h.qmp("job-pause", id="early")
+        await job.start()
+        assert h.take() == ["early:created", "reply job-pause", "early:running", "early:paused"]
+        await h.qmp("job-resume", id="early")
+        await idle()
+        assert h.take()[:2] == ["early:running", "reply job-resume"] and job.status == "null"
     run(main())

@@ -300,6 +300,7 @@ class Job(abc.ABC):
 
     async def _main(self) -> None:
         try:
+            await self.pause_point()  # a job paused before it started waits here
             await self.run()
         except JobCancelled:
             pass
@@ -343,7 +344,8 @@ class Job(abc.ABC):
         self.state.transition("aborting")
         await self._hook(self.abort)
         await self._hook(self.clean)
-        self._event_finished()
+        if self._task is not None:  # events only for a job that ran
+            self._event_finished()
         self._conclude()
 
     async def _hook(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -413,25 +415,25 @@ class Job(abc.ABC):
             self._dismiss()
             return
         force = self.on_cancel(force)
-        if self.status == "created":
-            self._dismiss()
-            return
-        if self._task is not None and self._task.done():
-            # run() is over: the job waits for finalize (or is finalizing);
-            # only a forced cancel changes anything, and right away.
-            if force and not self._finalizing:
-                self.cancelled = self.force_cancel = True
-                self.error = CANCELED_TEXT
-                await self._abort()
-            return
-        self.cancelled = True
-        self.force_cancel |= force
         if self.user_paused:
             self.user_paused = False
             self._user_resumed()
             self.pause_count -= 1
-        self.enter()
-        await self.settle()
+        # Once run() is over only a forced cancel changes anything.
+        deferred = self._task is not None and self._task.done()
+        if force or not deferred:
+            self.cancelled = True
+            self.force_cancel |= force
+        if self._task is None:
+            # Never started: it concludes at once (aborting, without BLOCK_JOB_*).
+            await self._run_finished()
+        elif deferred:
+            if self.is_cancelled and not self._finalizing:
+                self.error = CANCELED_TEXT
+                await self._abort()
+        else:
+            self.enter()
+            await self.settle()
 
     async def cancel_sync(self) -> None:
         """Force-cancel and wait until the job has concluded or gone (quit)."""
