@@ -263,6 +263,10 @@ class Node:
     def cluster_size(self) -> int | None:
         return None
 
+    def snapshots(self) -> list[dict[str, Any]] | None:
+        """SnapshotInfo of the internal snapshots, None when there are none."""
+        return None
+
     def actual_size(self) -> int | None:
         """Bytes the image occupies on the host, or None when unknown."""
         if "file" in self.children:

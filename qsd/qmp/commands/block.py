@@ -60,8 +60,11 @@ def image_info(node: Node, nested: bool) -> dict[str, Any]:
         info["backing-filename"] = backing.filename
         info["full-backing-filename"] = backing.filename
         info["backing-filename-format"] = backing.driver
-        if nested:
-            info["backing-image"] = image_info(backing, nested)
+    snapshots = node.snapshots()
+    if snapshots is not None:
+        info["snapshots"] = snapshots
+    if backing is not None and nested:
+        info["backing-image"] = image_info(backing, nested)
     specific = node.format_specific()
     if specific is not None:
         info["format-specific"] = specific

@@ -27,6 +27,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from qsd.block.formats.qcow2 import snapshot
 from qsd.block.formats.qcow2.create import create_image
 from qsd.block.formats.qcow2.cluster import (
     BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
@@ -219,6 +220,8 @@ class Qcow2Node(ClusterMap, Node):
         that writes never land on them (and the repair counts them)."""
         h = self.header
         self.snapshot_l1s: list[tuple[int, int]] = []
+        self.snapshot_list: list[snapshot.Snapshot] = []
+        self.snapshot_table_len = 0
         if not h.nb_snapshots:
             return
         pos = h.snapshots_offset
@@ -239,6 +242,8 @@ class Qcow2Node(ClusterMap, Node):
                 self.add_metadata(l1_off, l1_size * 8, "inactive L1 table")
             pos += (40 + extra + id_len + name_len + 7) & ~7
         self.add_metadata(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
+        self.snapshot_table_len = pos - h.snapshots_offset
+        self.snapshot_list = await snapshot.load(self)
 
     def _image_dir_path(self, name: str) -> str:
         if os.path.isabs(name):
@@ -360,16 +365,13 @@ class Qcow2Node(ClusterMap, Node):
                 add(off, size * 8)
                 raw = await self.read_file(off, size * 8)
                 l1s.append((list(struct.unpack(f">{size}Q", raw)), False))
-        seen_l2: set[int] = set()
         for table, _active in l1s:
             for e in table:
                 l2 = e & L1E_OFFSET_MASK
                 if not l2:
                     continue
                 add(l2, cs)
-                if l2 in seen_l2:
-                    continue
-                seen_l2.add(l2)
+                # Data counts once per L1 table that reaches it (shared L2s too).
                 l2t = await self.l2_cache.get(l2)
                 for i in range(self.l2_entries):
                     entry, _ = self.entry_pair(l2t, i)
@@ -796,6 +798,20 @@ class Qcow2Node(ClusterMap, Node):
         data["refcount-bits"] = h.refcount_bits
         data["compression-type"] = COMPRESSION_NAMES[h.compression_type]
         return {"type": "qcow2", "data": data}
+
+    # ----- internal snapshots (see .snapshot) --------------------------------
+    def snapshots(self) -> list[dict[str, Any]] | None:
+        return [sn.info() for sn in self.snapshot_list] or None
+
+    async def snapshot_create(self, name: str) -> snapshot.Snapshot:
+        self._check_writable()
+        async with self._lock:
+            return await snapshot.create(self, name)
+
+    async def snapshot_delete(self, ident: str | None, name: str | None) -> snapshot.Snapshot:
+        self._check_writable()
+        async with self._lock:
+            return await snapshot.delete(self, ident, name)
 
     # ----- creation ----------------------------------------------------------
     @classmethod
