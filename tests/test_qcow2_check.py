@@ -80,8 +80,7 @@ def refcount_entry(b: bytes | bytearray, cluster: int) -> int:
     """File offset of the 16-bit refcount of ``cluster`` (first refcount block)."""
     cbits = struct.unpack_from(">I", b, 20)[0]
     assert cluster < (1 << cbits) // 2
-    block = header_q(b, 48 + 0) and header_q(b, header_q(b, 48))
-    return block + 2 * cluster
+    return header_q(b, header_q(b, 48)) + 2 * cluster
 
 
 def first_l2(b: bytes | bytearray) -> int:
