@@ -77,12 +77,15 @@ _TS = re.compile(rb'"timestamp": \{"seconds": \d+, "microseconds": \d+\}')
 _GREETING = re.compile(rb'\{"QMP": \{"version": \{"qemu": \{[^}]*\}, "package": "[^"]*"\}')
 _VERSION = re.compile(rb'\{"qemu": \{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"\}')
 _GENERATED = re.compile(rb"#block\d+")
+#: Internal snapshot times (SnapshotInfo) differ from run to run.
+_SNAP_TIME = re.compile(rb'"(date|vm-clock)-(sec|nsec)": \d+')
 
 
 def normalise(data: bytes) -> bytes:
     data = _TS.sub(b'"timestamp": TS', data)
     data = _GREETING.sub(b'{"QMP": {"version": VERSION', data)
     data = _VERSION.sub(b"VERSION", data)
+    data = _SNAP_TIME.sub(rb'"\1-\2": T', data)
     return _GENERATED.sub(b"#blockN", data)
 
 

@@ -331,6 +331,60 @@ JOB_SESSIONS: dict[str, tuple[str | None, list]] = {
 }
 SESSIONS.update(JOB_SESSIONS)
 
+
+def _exe(command: str, args: str, req_id: int) -> str:
+    return f'{{"execute": "{command}", "arguments": {args}, "id": {req_id}}}\n'
+
+
+def _qcow2(name: str, path: str, extra: str = "") -> str:
+    return _exe("blockdev-add", f'{{"driver": "qcow2", "node-name": "{name}", "file": '
+                f'{{"driver": "file", "filename": "{path}"}}{extra}}}', 1)
+
+
+SNAP = "blockdev-snapshot-internal-sync"
+SNAP_DEL = "blockdev-snapshot-delete-internal-sync"
+#: ID and TAG columns of qemu-img's listing (the times vary).
+SNAP_LIST = "qemu-img snapshot -U -l {} | awk 'NR > 2 {{print $1, $2}}'"
+
+# Internal snapshots: transcript j plus probes of the error paths, snapshots
+# taken by qemu-img beside ours, images checked and listed by qemu-img.
+SESSIONS["internal-snapshots"] = (
+    "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 ro.qcow2 1M"
+    " && qemu-img create -q -f qcow2 pre.qcow2 1M && qemu-io -c 'write -P 7 0 64k' pre.qcow2 >/dev/null"
+    " && qemu-img snapshot -c old pre.qcow2 && truncate -s 1M r.img", [
+        CAPS,
+        _qcow2("q", "a.qcow2"), _qcow2("ro", "ro.qcow2", ', "read-only": true'),
+        _qcow2("p", "pre.qcow2"),
+        _exe("blockdev-add", '{"driver": "file", "node-name": "rf", "filename": "r.img"}', 2),
+        _exe("blockdev-add", '{"driver": "raw", "node-name": "r", "file": "rf"}', 3),
+        _exe(SNAP, '{"device": "q", "name": "s1"}', 10),
+        _exe(SNAP, '{"device": "q", "name": "s1"}', 11),
+        _exe(SNAP, '{"device": "q", "name": ""}', 12),
+        _exe(SNAP, '{"device": "nosuch", "name": "s"}', 13),
+        _exe(SNAP, '{"device": "r", "name": "s"}', 14),
+        _exe(SNAP, '{"device": "rf", "name": "s"}', 15),
+        _exe(SNAP, '{"device": "ro", "name": "s"}', 16),
+        _exe(SNAP, '{"device": "p", "name": "s1"}', 17),
+        _exe(SNAP, '{"device": "q", "name": "s2"}', 18),
+        _exe(SNAP, '{"device": "q"}', 19),
+        Shell(SNAP_LIST.format("a.qcow2") + "; " + SNAP_LIST.format("pre.qcow2")),
+        _exe(SNAP_DEL, '{"device": "q", "name": "s1"}', 30),
+        _exe(SNAP_DEL, '{"device": "q", "name": "s1"}', 31),
+        _exe(SNAP_DEL, '{"device": "q"}', 32),
+        _exe(SNAP_DEL, '{"device": "q", "id": "2", "name": "x"}', 33),
+        _exe(SNAP_DEL, '{"device": "q", "id": "2", "name": "s2"}', 34),
+        _exe(SNAP_DEL, '{"device": "r", "name": "x"}', 35),
+        _exe(SNAP_DEL, '{"device": "rf", "name": "x"}', 36),
+        _exe(SNAP_DEL, '{"device": "ro", "id": "1"}', 37),
+        _exe(SNAP_DEL, '{"device": "nosuch", "id": "1"}', 38),
+        _exe(SNAP_DEL, '{"device": "p", "id": "1"}', 39),
+        _exe(SNAP, '{"device": "q", "name": "s3"}', 40),
+        Shell(SNAP_LIST.format("a.qcow2") + "; " + SNAP_LIST.format("pre.qcow2")),
+        _exe("blockdev-del", '{"node-name": "q"}', 50),
+        _exe("blockdev-del", '{"node-name": "p"}', 51),
+        Shell("qemu-img check -q a.qcow2 && qemu-img check -q pre.qcow2 && echo clean"),
+    ])
+
 TWO_MONITORS = ["--chardev", "socket,path=qmp.sock,server=on,wait=off,id=char0",
                 "--monitor", "chardev=char0",
                 "--chardev", "socket,path=qmp2.sock,server=on,wait=off,id=char1",

@@ -36,16 +36,18 @@ def _target(node: Node, need_writable: bool) -> Qcow2Node | None:
     return node
 
 
-def _is_root(node: Node) -> bool:
-    return all(edge.parent is None for edge in node.parents)
+def _root(daemon: "Daemon", device: str) -> Node:
+    """The node named ``device``; only a node no other node uses will do."""
+    node = daemon.graph.find(device, None)
+    if any(edge.parent is not None for edge in node.parents):
+        raise GenericError("Need a root block node")
+    return node
 
 
 @command("blockdev-snapshot-internal-sync")
 async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     device, name = args["device"], args["name"]
-    node = daemon.graph.find(device)
-    if not _is_root(node):
-        raise GenericError("Need a root block node")
+    node = _root(daemon, device)
     if node.read_only:
         raise GenericError(f"Device '{device}' is read only")
     target = _target(node, True)
@@ -68,7 +70,7 @@ async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str,
 async def snapshot_delete_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     device = args["device"]
     ident, name = args.get("id"), args.get("name")
-    node = daemon.graph.find(device)
+    node = _root(daemon, device)
     if ident is None and name is None:
         raise GenericError("Name or id must be provided")
     target = _target(node, False)
