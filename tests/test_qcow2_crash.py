@@ -118,6 +118,66 @@ class Client:
                 return
 
 
+class ConcurrentClient(Client):
+    """Up to ``DEPTH`` requests in flight on disjoint ranges (so the model
+    stays exact); a flush waits for them all first, so that it covers every
+    request acknowledged before it."""
+
+    DEPTH = 8
+
+    def until_dead(self) -> None:
+        self.buffers: dict[int, Any] = {}
+        inflight: dict[int, tuple[range, Content | None, bool]] = {}
+        try:
+            while True:
+                while len(inflight) < self.DEPTH:
+                    if not self._submit(inflight):
+                        break
+                self.h.poll(-1)
+                for cookie in list(inflight):
+                    if self.h.aio_command_completed(cookie):
+                        span, fill, trim = inflight.pop(cookie)
+                        self.buffers.pop(cookie, None)
+                        value = None if trim else fill
+                        self.model[span.start:span.stop] = [value] * len(span)
+                        self.ops += 1
+        except self.nbd.Error:
+            return
+
+    def _submit(self, inflight: dict[int, tuple[range, Content | None, bool]]) -> bool:
+        """Start one request; False when a flush must wait for the others."""
+        rnd = self.rnd
+        if rnd.random() < 0.08:
+            if inflight:
+                return False
+            self.h.flush()
+            self.durable = list(self.model)
+            self.touched.clear()
+            return True
+        for _ in range(20):
+            start = rnd.randrange(SECTORS)
+            span = range(start, min(SECTORS, start + rnd.choice([1, 8, 64, 128, 300])))
+            if not any(span.start < r.stop and r.start < span.stop
+                       for r, _, _ in inflight.values()):
+                break
+        else:
+            return False
+        self.touched.update(span)
+        off, n = span.start * SECTOR, len(span) * SECTOR
+        op = rnd.choice("wwwwzzd")
+        if op == "w":
+            fill = rnd.randrange(1, 256)
+            buf = self.nbd.Buffer.from_bytearray(bytearray([fill]) * n)
+            cookie = self.h.aio_pwrite(buf, off)
+            self.buffers[cookie] = buf  # must outlive the request
+            inflight[cookie] = (span, fill, False)
+        elif op == "z":
+            inflight[self.h.aio_zero(n, off)] = (span, 0, False)
+        else:
+            inflight[self.h.aio_trim(n, off)] = (span, None, True)
+        return True
+
+
 def verify_data(img: Path, durable: list[Content], touched: set[int]) -> None:
     raw = img.with_suffix(".raw")
     run("qemu-img", "convert", "-O", "raw", str(img), str(raw))
@@ -144,7 +204,8 @@ def crash_once(qsd: Any, libnbd: Any, workdir: Path, seed: int) -> dict[str, Any
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "type=nbd,id=e0,node-name=q,name=q,writable=on",
             wait_for=[sock])
-    client = Client(libnbd, sock, initial_model(kind), rnd)
+    cls = ConcurrentClient if seed // 3 % 2 else Client
+    client = cls(libnbd, sock, initial_model(kind), rnd)
     timer = threading.Timer(rnd.uniform(0.02, 0.4), os.kill, (d.pid, signal.SIGKILL))
     timer.start()
     try:
