@@ -240,7 +240,7 @@ async def create(img: "Qcow2Node", name: str) -> Snapshot:
     refs = await _reachable(img, img.l1)
     for c, n in refs.counts.items():
         if await rc.get(c) + n > rc.max_value:
-            raise OSError(errno.ERANGE, "Numerical result out of range")
+            raise OSError(errno.EINVAL, "Invalid argument")  # QEMU: refcount overflow
     h = img.header
     l1_copy = [e & ~OFLAG_COPIED for e in img.l1]
     l1_off = 0
