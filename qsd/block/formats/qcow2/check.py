@@ -24,6 +24,7 @@ every image.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 from array import array
@@ -35,6 +36,13 @@ from qsd.block.formats.qcow2.cluster import (
 from qsd.block.formats.qcow2.header import INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Header
 from qsd.block.formats.qcow2.refcount import REFT_OFFSET_MASK
 
+#: Bits an L1 entry, and a standard L2 entry, must keep clear.
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+#: Allocation half of an extended L2 entry's subcluster bitmap.
+SC_ALLOC_MASK = 0xFFFFFFFF
+#: Reads ending beyond this fail in QEMU's block layer (its requests are int64).
+MAX_IO_OFFSET = (1 << 63) - 1
 #: Bitmap table entries: host offset bits (qcow2.txt "Bitmap table").
 BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 #: Snapshot table entries are at most this large (QEMU's limit, as the driver's).
@@ -104,6 +112,8 @@ class _Checker:
 
     # ----- file access ----------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.file_size:
+            return bytes(length)
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))  # past EOF reads as zeroes, as in QEMU
@@ -210,9 +220,11 @@ class _Checker:
         if active:
             self.active_l1 = list(l1)
         for e in l1:
-            l2 = e & L1E_OFFSET_MASK
-            if not l2:
+            if not e:
                 continue
+            if e & L1E_RESERVED_MASK:
+                self.res.corruptions += 1
+            l2 = e & L1E_OFFSET_MASK
             self.inc(l2, self.cs)
             if l2 % self.cs:
                 self.res.corruptions += 1
@@ -233,6 +245,8 @@ class _Checker:
                     self.res.corruptions += 1
                     if self.has_data_file:
                         continue
+                if bitmap:
+                    self.res.corruptions += 1
                 nsect = (entry >> self.csize_shift & self.csize_mask) + 1
                 coffset = entry & self.coffset_mask
                 self.inc(coffset & ~511, nsect * 512)
@@ -241,14 +255,17 @@ class _Checker:
                     self.res.compressed_clusters += 1
                     self.res.fragmented_clusters += 1
                 continue
+            if entry & L2E_STD_RESERVED_MASK:
+                self.res.corruptions += 1
             host = entry & L2E_OFFSET_MASK
-            if self.ext_l2:
-                if bitmap >> 32 & bitmap & 0xFFFFFFFF:
-                    self.res.corruptions += 1
-            elif entry & OFLAG_ZERO and not host:
+            if not self.ext_l2 and entry & OFLAG_ZERO and not host:
                 continue
             if not host and not (self.has_data_file and entry & OFLAG_COPIED):
+                if bitmap & SC_ALLOC_MASK:
+                    self.res.corruptions += 1  # unallocated, yet subclusters allocated
                 continue
+            if bitmap >> 32 & bitmap & SC_ALLOC_MASK:
+                self.res.corruptions += 1  # subclusters both allocated and zero
             if active:
                 self.res.allocated_clusters += 1
                 if next_contiguous and host != next_contiguous:
@@ -298,17 +315,24 @@ class _Checker:
 
     # ----- stored refcounts ------------------------------------------------
     def _block(self, index: int) -> bytearray | None:
+        """Refcount block ``index``; None when absent; OSError when its
+        offset is unaligned (QEMU cannot read refcounts through it either)."""
         if index >= len(self.reftable):
             return None
         off = self.reftable[index] & REFT_OFFSET_MASK
-        if not off or off % self.cs or off + self.cs > self.file_size:
+        if not off:
             return None
+        if off % self.cs:
+            raise OSError(errno.EIO, f"refcount block {index} unaligned")
+        if off + self.cs > MAX_IO_OFFSET:
+            raise OSError(errno.EIO, f"refcount block {index} beyond any readable offset")
         block = self._blocks.get(off)
         if block is None:
             block = self._blocks[off] = bytearray(self.read(off, self.cs))
         return block
 
     def stored(self, cluster: int) -> int:
+        """The refcount on disk (or as repaired so far); OSError if unreadable."""
         block = self._block(cluster // self.per_block)
         if block is None:
             return 0
@@ -323,7 +347,10 @@ class _Checker:
         """Change a stored refcount (written at the end); False when its
         refcount block is missing, which this repair does not rebuild."""
         index = cluster // self.per_block
-        block = self._block(index)
+        try:
+            block = self._block(index)
+        except OSError:
+            return False
         if block is None:
             return False
         i = cluster % self.per_block
@@ -341,7 +368,12 @@ class _Checker:
         """Stored against computed refcounts; the highest cluster in use."""
         highest = 0
         for c in range(self.nb_clusters):
-            have, want = self.stored(c), self.want[c]
+            try:
+                have = self.stored(c)
+            except OSError:
+                self.res.check_errors += 1
+                continue
+            want = self.want[c]
             if have or want:
                 highest = c
             if have == want:
@@ -362,7 +394,10 @@ class _Checker:
             l2 = e & L1E_OFFSET_MASK
             if not l2:
                 continue
-            rc = self.stored(l2 >> self.cbits)
+            try:
+                rc = self.stored(l2 >> self.cbits)
+            except OSError:
+                continue  # counted as a check error already
             if (rc == 1) != bool(e & OFLAG_COPIED):
                 if self.fix_errors:
                     e = e | OFLAG_COPIED if rc == 1 else e & ~OFLAG_COPIED
@@ -370,8 +405,6 @@ class _Checker:
                     self.res.corruptions_fixed += 1
                 else:
                     self.res.corruptions += 1
-            if l2 % self.cs:
-                continue
             raw = bytearray(self.read(l2, self.cs))
             changed = False
             step = 16 if self.ext_l2 else 8
@@ -383,7 +416,10 @@ class _Checker:
                                         and not (not self.ext_l2 and entry & OFLAG_ZERO))
                 if not normal:
                     continue
-                rc = 1 if self.has_data_file else self.stored(host >> self.cbits)
+                try:
+                    rc = 1 if self.has_data_file else self.stored(host >> self.cbits)
+                except OSError:
+                    continue
                 if (rc == 1) != bool(entry & OFLAG_COPIED):
                     if self.fix_errors:
                         entry = entry | OFLAG_COPIED if rc == 1 else entry & ~OFLAG_COPIED
