@@ -33,7 +33,8 @@ from typing import Any
 
 from qsd.block.formats.qcow2.cluster import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO)
-from qsd.block.formats.qcow2.header import INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, Header
+from qsd.block.formats.qcow2.header import (
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_L1_BYTES, Header)
 from qsd.block.formats.qcow2.refcount import REFT_OFFSET_MASK
 
 #: Bits an L1 entry, and a standard L2 entry, must keep clear.
@@ -43,6 +44,8 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 SC_ALLOC_MASK = 0xFFFFFFFF
 #: Reads ending beyond this fail in QEMU's block layer (its requests are int64).
 MAX_IO_OFFSET = (1 << 63) - 1
+#: QEMU's bound on the bitmaps directory.
+MAX_BITMAP_DIRECTORY = 64 << 20
 #: Bitmap table entries: host offset bits (qcow2.txt "Bitmap table").
 BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 #: Snapshot table entries are at most this large (QEMU's limit, as the driver's).
@@ -135,7 +138,6 @@ class _Checker:
         self.rmax = (1 << self.rbits) - 1
         self.per_block = self.cs * 8 // self.rbits
         self.ext_l2 = h.extended_l2
-        self.l2_entries = self.cs // (16 if self.ext_l2 else 8)
         self.has_data_file = bool(h.incompatible & INCOMPAT_DATA_FILE)
         self.csize_shift = 62 - (self.cbits - 8)
         self.csize_mask = (1 << (self.cbits - 8)) - 1
@@ -206,7 +208,10 @@ class _Checker:
             if extra > MAX_SNAPSHOT_EXTRA:
                 self.res.check_errors += 1
                 return out
-            out.append((l1_off, l1_size))
+            if l1_size > MAX_L1_BYTES // 8:
+                self.res.corruptions += 1  # QEMU skips such a snapshot as well
+            else:
+                out.append((l1_off, l1_size))
             pos += (40 + extra + id_len + name_len + 7) & ~7
         self.inc(h.snapshots_offset, pos - h.snapshots_offset)
         return out
@@ -282,6 +287,9 @@ class _Checker:
         if ext is None or len(ext) < 24:
             return
         nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext)
+        if dir_size > MAX_BITMAP_DIRECTORY:
+            self.res.check_errors += 1
+            return
         self.inc(dir_off, dir_size)
         raw = self.read(dir_off, dir_size)
         pos = 0
@@ -292,6 +300,9 @@ class _Checker:
             t_off, t_size, _flags, _type, _gran, name_size, extra = struct.unpack_from(
                 ">QIIBBHI", raw, pos)
             self.inc(t_off, t_size * 8)
+            if t_size * 8 > self.file_size:
+                self.res.check_errors += 1  # larger than the file: refuse to read it
+                return
             for e in struct.unpack(f">{t_size}Q", self.read(t_off, t_size * 8)):
                 if e & BME_OFFSET_MASK:
                     self.inc(e & BME_OFFSET_MASK, self.cs)
