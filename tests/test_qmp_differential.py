@@ -351,7 +351,8 @@ SNAP_LIST = "qemu-img snapshot -U -l {} | awk 'NR > 2 {{print $1, $2}}'"
 SESSIONS["internal-snapshots"] = (
     "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 ro.qcow2 1M"
     " && qemu-img create -q -f qcow2 pre.qcow2 1M && qemu-io -c 'write -P 7 0 64k' pre.qcow2 >/dev/null"
-    " && qemu-img snapshot -c old pre.qcow2 && truncate -s 1M r.img", [
+    " && qemu-img snapshot -c old pre.qcow2 && truncate -s 1M r.img"
+    " && qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img create -q -f qcow2 -o data_file=d.data d.qcow2 1M", [
         CAPS,
         _qcow2("q", "a.qcow2"), _qcow2("ro", "ro.qcow2", ', "read-only": true'),
         _qcow2("p", "pre.qcow2"),
@@ -379,6 +380,14 @@ SESSIONS["internal-snapshots"] = (
         _exe(SNAP_DEL, '{"device": "nosuch", "id": "1"}', 38),
         _exe(SNAP_DEL, '{"device": "p", "id": "1"}', 39),
         _exe(SNAP, '{"device": "q", "name": "s3"}', 40),
+        # raw passes snapshots to its file child; data-file images have none
+        _qcow2("b", "b.qcow2"), _qcow2("d", "d.qcow2"),
+        _exe("blockdev-add", '{"driver": "raw", "node-name": "rb", "file": "b"}', 4),
+        _exe(SNAP, '{"device": "rb", "name": "s"}', 41),
+        _exe(SNAP, '{"device": "b", "name": "s"}', 42),
+        _exe(SNAP_DEL, '{"device": "rb", "name": "s"}', 43),
+        _exe(SNAP, '{"device": "d", "name": "s"}', 44),
+        _exe(SNAP_DEL, '{"device": "d", "name": "s"}', 45),
         Shell(SNAP_LIST.format("a.qcow2") + "; " + SNAP_LIST.format("pre.qcow2")),
         _exe("blockdev-del", '{"node-name": "q"}', 50),
         _exe("blockdev-del", '{"node-name": "p"}', 51),

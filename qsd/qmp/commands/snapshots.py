@@ -44,6 +44,12 @@ def _root(daemon: "Daemon", device: str) -> Node:
     return node
 
 
+def _check_list(target: Qcow2Node) -> None:
+    """QEMU cannot list (so never touches) snapshots of a data-file image."""
+    if target.has_data_file:
+        raise GenericError("Failed to get a snapshot list: Operation not supported")
+
+
 @command("blockdev-snapshot-internal-sync")
 async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     device, name = args["device"], args["name"]
@@ -56,6 +62,7 @@ async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str,
                            "support internal snapshots")
     if not name:
         raise GenericError("Name is empty")
+    _check_list(target)
     if any(sn.name == name for sn in target.snapshot_list):
         raise GenericError(f"Snapshot with name '{name}' already exists on device '{device}'")
     try:
@@ -76,6 +83,7 @@ async def snapshot_delete_internal(daemon: "Daemon", args: dict[str, Any]) -> di
     target = _target(node, False)
     if target is None:
         raise GenericError("Failed to get a snapshot list: Operation not supported")
+    _check_list(target)
     if snapshot.find(target.snapshot_list, ident, name) is None:
         shown_id = "null" if ident is None else ident
         shown_name = "null" if name is None else name

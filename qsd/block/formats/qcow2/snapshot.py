@@ -110,9 +110,10 @@ def parse_table(buf: bytes, count: int) -> tuple[list[Snapshot], int]:
 
 
 async def load(img: "Qcow2Node") -> list[Snapshot]:
-    """The image's snapshot table (entries checked when the image opened)."""
+    """The image's snapshot table (entries checked when the image opened);
+    QEMU lists none for an image with an external data file."""
     h = img.header
-    if not h.nb_snapshots:
+    if not h.nb_snapshots or img.has_data_file:
         return []
     end = img.file_end()
     size = min(end - h.snapshots_offset, h.nb_snapshots * (_ENTRY.size + MAX_EXTRA + 2 * 65535 + 8))
