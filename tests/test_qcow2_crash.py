@@ -44,7 +44,7 @@ def make_image(workdir: Path, rnd: random.Random, kind: str) -> Path:
     img = workdir / "c.qcow2"
     for p in workdir.glob("*.qcow2"):
         p.unlink()
-    cluster = rnd.choice(["4096", "65536", "16384"])
+    cluster = rnd.choice(["512", "4096", "65536", "16384"])
     opts = f"cluster_size={cluster}"
     if kind == "lazy":
         opts += ",lazy_refcounts=on"
