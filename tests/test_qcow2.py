@@ -290,7 +290,7 @@ def test_create_data_file(tmp_path: Path) -> None:
     ({"refcount-bits": 3}, "Refcount width must be a power of two"),
     ({"extended-l2": True, "cluster-size": 4096}, "at least 16384 bytes"),
     ({"backing-file": "x", "preallocation": "full"}, "Backing file and preallocation"),
-    ({"encrypt": {"format": "luks"}}, "encryption is not supported"),
+    ({"encrypt": {"format": "luks"}}, "Parameter .encrypt.key-secret. is required for cipher"),
 ])
 def test_create_errors(tmp_path: Path, opts: dict[str, Any], text: str) -> None:
     with pytest.raises(QMPError, match=text):

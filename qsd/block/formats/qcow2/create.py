@@ -4,8 +4,9 @@
 Like QEMU: the ``file`` node is emptied and given a minimal image (header,
 one refcount table cluster, one refcount block); that image is then opened
 as a qcow2 node which grows it to the requested size (allocating the L1
-table through the normal allocator) and preallocates. The layout matches
-what ``qemu-img create`` writes.
+table through the normal allocator), preallocates, and last sets up
+encryption (:mod:`.crypt`). The layout matches what ``qemu-img create``
+writes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.formats.qcow2.cluster import BITMAP_ALL_ALLOC, OFLAG_COPIED
+from qsd.block.formats.qcow2.crypt import create_crypto
 from qsd.block.formats.qcow2.header import (
     AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD, INCOMPAT_COMPRESSION,
     INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES, V2_HEADER_LEN, V3_WRITE_LEN, Header)
@@ -70,13 +72,6 @@ def _validate(options: dict[str, Any]) -> None:
     if -(-options["size"] // l2_bytes) * 8 > MAX_L1_BYTES:
         raise GenericError("The image size is too large for file format 'qcow2' (try using "
                            "a larger cluster size)")
-    if options.get("encrypt") is not None:
-        _create_encryption(options["encrypt"])
-
-
-def _create_encryption(encrypt: dict[str, Any]) -> None:
-    """Where LUKS creation (encrypt.format=luks) plugs in; refused until then."""
-    raise GenericError("qcow2 encryption is not supported by qsd yet")
 
 
 def _initial_refblock(cs: int, bits: int, used: int) -> bytes:
@@ -174,6 +169,11 @@ async def _grow(ctx: "CreateContext", cls: type["Qcow2Node"], file: Node, data: 
         if prealloc != "off":
             await _preallocate(node, prealloc, data is not None,
                                bool(options.get("backing-file")))
+        if options.get("encrypt") is not None:
+            # Last, as QEMU does: the LUKS header follows the L1 table and
+            # any preallocated clusters.
+            await create_crypto(node, options["encrypt"], ctx.objects)
+            await node.flush()
     finally:
         await ctx.graph.close_node(node)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import struct
 import zlib
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd.block.formats.qcow2 import snapshot
 from qsd.block.formats.qcow2.create import create_image
+from qsd.block.formats.qcow2.crypt import Qcow2Crypto, check_format_option, open_crypto
 from qsd.block.formats.qcow2.cluster import (
     BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO, ClusterMap, Kind)
@@ -37,7 +39,9 @@ from qsd.block.formats.qcow2.header import (
     COMPRESSION_ZSTD, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAGIC, Header)
 from qsd.block.formats.qcow2.refcount import Refcounts, corrupt
 from qsd.block.node import DRIVERS, Extent, Node, Role, register_driver
+from qsd.crypto.cipher import SECTOR_SIZE
 from qsd.qmp.errors import GenericError, QMPError
+from qsd.qmp.keyorder import qemu_items
 
 if TYPE_CHECKING:
     from qsd.block.node import CreateContext
@@ -67,6 +71,7 @@ class Qcow2Node(ClusterMap, Node):
         self._writable = False
         self._marked_dirty = False
         self._corrupt_reported = False
+        self.crypto: Qcow2Crypto | None = None
 
     # ----- plumbing used by refcount/cluster -------------------------------
     @property
@@ -162,14 +167,16 @@ class Qcow2Node(ClusterMap, Node):
         self._writable = not self.read_only
         if h.incompatible & INCOMPAT_CORRUPT and self._writable:
             raise GenericError("qcow2: Image is corrupt; cannot be opened read/write")
-        if h.crypt_method:
-            self._open_encryption(options)
+        await self._open_encryption(options)
         self.size = h.size
         self.init_map(self._l2_cache_entries(options))
         self.refcounts = Refcounts(self, self._refcount_cache_entries(options))
         self.l2_cache.depends_on = self.refcounts.cache
         self.l2_cache.barrier = self.file_node.flush
         self.add_metadata(0, self.cs, "qcow2_header")
+        if h.crypto_header is not None:  # guest writes must never land on it
+            self.add_metadata(h.crypto_header[0], max(1, h.crypto_header[1]),
+                              "encryption header")
         await self.refcounts.load()
         self.add_metadata(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
                           "refcount table")
@@ -196,9 +203,16 @@ class Qcow2Node(ClusterMap, Node):
                 h.autoclear &= AUTOCLEAR_DATA_FILE_RAW
                 await self.write_header()
 
-    def _open_encryption(self, options: dict[str, Any]) -> None:
-        """The hook the LUKS/AES support plugs into; until then, refused."""
-        raise GenericError("qcow2 encryption is not supported by qsd yet")
+    async def _open_encryption(self, options: dict[str, Any]) -> None:
+        """Check ``encrypt.format`` against the header and unlock the
+        payload cipher (see :mod:`.crypt`)."""
+        h = self.header
+        check_format_option(h.crypt_method, options.get("encrypt"))
+        if not h.crypt_method:
+            return
+        self.crypto = await open_crypto(self, options.get("encrypt"))
+        self.encrypted = True
+        self.request_alignment = SECTOR_SIZE
 
     def _l2_cache_entries(self, options: dict[str, Any]) -> int:
         cs = self.header.cluster_size
@@ -392,7 +406,10 @@ class Qcow2Node(ClusterMap, Node):
             for r in runs:
                 view = buf[r.offset - offset:r.offset - offset + r.length]
                 if r.kind is Kind.NORMAL:
-                    await self.data_node.read_into(r.host, view)
+                    if self.crypto is not None:
+                        await self._read_encrypted(r.offset, r.host, view)
+                    else:
+                        await self.data_node.read_into(r.host, view)
                 elif r.kind is Kind.UNALLOCATED:
                     await self._read_backing(r.offset, view)
                 elif r.kind is Kind.ZERO:
@@ -402,6 +419,17 @@ class Qcow2Node(ClusterMap, Node):
                     start = r.offset & (self.cs - 1)
                     view[:] = data[start:start + r.length]
             pos = runs[-1].offset + runs[-1].length
+
+    async def _read_encrypted(self, offset: int, host: int, view: memoryview) -> None:
+        """Decrypt the whole sectors around a run (host and guest offsets
+        share their position within a sector, clusters being aligned)."""
+        assert self.crypto is not None
+        skip = offset % SECTOR_SIZE
+        length = -(-(skip + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
+        raw = bytearray(length)
+        await self.data_node.read_into(host - skip, memoryview(raw))
+        plain = self.crypto.cipher.decrypt(self.crypto.sector(offset - skip, host - skip), raw)
+        view[:] = memoryview(plain)[skip:skip + len(view)]
 
     async def _read_backing(self, offset: int, view: memoryview) -> None:
         backing = self.backing_node
@@ -508,6 +536,9 @@ class Qcow2Node(ClusterMap, Node):
                 pad_s, pad_e = ws, we
             else:
                 pad_s, pad_e = c_start, c_start + cs
+            if self.crypto is not None:  # the cipher works on whole sectors
+                pad_s -= pad_s % SECTOR_SIZE
+                pad_e += -pad_e % SECTOR_SIZE
             if not inplace:
                 fresh += 1
             host = entry & L2E_OFFSET_MASK if inplace else -1
@@ -573,9 +604,12 @@ class Qcow2Node(ClusterMap, Node):
             if tail:
                 await self.read_into(d_end, memoryview(buf)[len(buf) - tail:])
             buf[head:head + len(body)] = body
-            await self.data_node.write(host, buf)
+            out: bytes | bytearray | memoryview = buf
         else:
-            await self.data_node.write(host, body)
+            out = body
+        if self.crypto is not None:
+            out = self.crypto.cipher.encrypt(self.crypto.sector(g_start, host), out)
+        await self.data_node.write(host, out)
 
     # ----- zeroes and discards --------------------------------------------
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
@@ -744,7 +778,8 @@ class Qcow2Node(ClusterMap, Node):
         extents: list[Extent] = []
         for r in runs:
             if r.kind is Kind.NORMAL:
-                m = self.data_node.host_extent(r.host, r.length)
+                # Encrypted data must pass through the cipher: no host fd.
+                m = None if self.crypto else self.data_node.host_extent(r.host, r.length)
                 fd, host_off = m if m is not None else (-1, 0)
                 extents.append(Extent(r.offset, r.length, True, False, 1, fd, host_off))
             elif r.kind is Kind.COMPRESSED:
@@ -771,12 +806,32 @@ class Qcow2Node(ClusterMap, Node):
         return extents
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        if self.crypto is not None:
+            return None
         host = self.peek_host(offset, length)
         if host is None:
             return None
         return self.data_node.host_extent(host, length)
 
     # ----- introspection -----------------------------------------------------
+    @property
+    def filename(self) -> str:
+        """An encrypted image is spelt out as ``json:``, since its
+        ``encrypt.key-secret`` is needed to open it again (as QEMU does)."""
+        if self.crypto is None:
+            return super().filename
+        return "json:" + json.dumps(self.json_options())
+
+    def json_options(self) -> dict[str, Any]:
+        """The options QEMU shows for this node inside a ``json:`` filename."""
+        assert self.crypto is not None
+        child = self.file_node
+        child_json = getattr(child, "json_options", None)
+        inner = child_json() if child_json else dict(qemu_items(
+            {"driver": child.driver, "filename": child.filename}))
+        return dict(qemu_items({"driver": self.driver, "file": inner,
+                                "encrypt.key-secret": self.crypto.key_secret}))
+
     def cluster_size(self) -> int | None:
         return self.header.cluster_size
 
@@ -796,6 +851,8 @@ class Qcow2Node(ClusterMap, Node):
             data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
             data["corrupt"] = bool(h.incompatible & INCOMPAT_CORRUPT)
         data["refcount-bits"] = h.refcount_bits
+        if self.crypto is not None:
+            data["encrypt"] = self.crypto.info()
         data["compression-type"] = COMPRESSION_NAMES[h.compression_type]
         return {"type": "qcow2", "data": data}
 
