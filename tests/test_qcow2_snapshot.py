@@ -134,6 +134,29 @@ def test_snapshots_by_qsd_keep_their_data(tmp_path: Path, opts: list[str]) -> No
     check_clean(img)
 
 
+def test_delete_gives_freed_clusters_back_to_the_host(tmp_path: Path) -> None:
+    """QEMU's file child of a format node discards (unmap) by default."""
+    img = tmp_path / "a.qcow2"
+    _create(img)
+    run("qemu-io", "-c", "write -P 1 0 2M", str(img))
+
+    async def go() -> None:
+        g = Graph()
+        node = await g.add({"driver": "qcow2", "node-name": "q", "file": {
+            "driver": "file", "filename": str(img), "discard": "unmap"}})
+        try:
+            await node.snapshot_create("s")
+            await node.write(0, b"\x02" * (2 << 20))
+            await node.flush()
+            before = img.stat().st_blocks
+            await node.snapshot_delete(None, "s")
+            assert img.stat().st_blocks <= before - (2 << 20) // 512
+        finally:
+            await g.delete("q")
+    asyncio.run(go())
+    check_clean(img)
+
+
 def test_compressed_clusters_shared_with_a_snapshot(tmp_path: Path) -> None:
     src = tmp_path / "src.qcow2"
     img = tmp_path / "a.qcow2"

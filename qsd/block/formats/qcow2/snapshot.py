@@ -204,8 +204,21 @@ async def _fix_copied(img: "Qcow2Node") -> None:
                              "active L1 table")
 
 
-async def _write_table(img: "Qcow2Node", snaps: list[Snapshot]) -> None:
-    """Write the table to new clusters, point the header at it, free the old."""
+async def _discard(img: "Qcow2Node", freed: list[tuple[int, int]]) -> None:
+    """Pass clusters freed by a snapshot operation down, once their refcounts
+    are on disk (QEMU's pass-discard-snapshot, on by default)."""
+    if not img.options.get("pass-discard-snapshot", True):
+        return
+    for offset, count in freed:
+        try:
+            await img.file_node.discard(offset, count << img.cbits)
+        except OSError:
+            pass  # advisory
+
+
+async def _write_table(img: "Qcow2Node", snaps: list[Snapshot]) -> tuple[int, int] | None:
+    """Write the table to new clusters, point the header at it, free the old
+    (returned as a run of clusters to discard)."""
     h = img.header
     cs = img.cs
     raw = b"".join(sn.pack() for sn in snaps)
@@ -225,6 +238,8 @@ async def _write_table(img: "Qcow2Node", snaps: list[Snapshot]) -> None:
     if old_len:
         img.remove_metadata(old_off, old_len)
         await img.refcounts.update(old_off, -(-old_len // cs), -1)
+        return old_off, -(-old_len // cs)
+    return None
 
 
 async def create(img: "Qcow2Node", name: str) -> Snapshot:
@@ -259,11 +274,12 @@ async def create(img: "Qcow2Node", name: str) -> Snapshot:
     rt = time.time_ns() // 1000
     sn = Snapshot(l1_off, h.l1_size, _new_id(snaps), name, rt // 1_000_000,
                   rt % 1_000_000 * 1000, rt * 1000, 0, img.size)
-    await _write_table(img, snaps + [sn])
+    old_table = await _write_table(img, snaps + [sn])
     img.snapshot_list = snaps + [sn]
     img.snapshot_l1s.append((l1_off, h.l1_size))
     await rc.cache.flush()
     await img.file_node.flush()
+    await _discard(img, [old_table] if old_table else [])
     return sn
 
 
@@ -282,7 +298,8 @@ async def delete(img: "Qcow2Node", ident: str | None, name: str | None) -> Snaps
     l1 = list(struct.unpack(f">{sn.l1_size}Q", raw))
     refs = await _reachable(img, l1)
     rest = [s for s in snaps if s is not sn]
-    await _write_table(img, rest)
+    old_table = await _write_table(img, rest)
+    freed = [old_table] if old_table else []
     img.snapshot_list = rest
     img.snapshot_l1s.remove((sn.l1_offset, sn.l1_size))
     rc = img.refcounts
@@ -290,11 +307,14 @@ async def delete(img: "Qcow2Node", ident: str | None, name: str | None) -> Snaps
         await rc.update(c << img.cbits, 1, -n)
         if not await rc.get(c):
             img.l2_cache.discard(c << img.cbits)
+            freed.append((c << img.cbits, 1))
     if sn.l1_size:
         l1_clusters = -(-sn.l1_size * 8 // img.cs)
         img.remove_metadata(sn.l1_offset, sn.l1_size * 8)
         await rc.update(sn.l1_offset, l1_clusters, -1)
+        freed.append((sn.l1_offset, l1_clusters))
     await _fix_copied(img)
     await rc.cache.flush()
     await img.file_node.flush()
+    await _discard(img, freed)
     return sn
