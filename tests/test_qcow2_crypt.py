@@ -178,22 +178,23 @@ async def _random_io(node: Any, seed: int, model: bytearray) -> None:
     assert await node.read(0, size) == model
 
 
-CREATE_CASES = [
-    {},
-    {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "essiv",
-     "ivgen-hash-alg": "sha256", "hash-alg": "sha1"},
-    {"cipher-alg": "aes-192", "cipher-mode": "xts", "ivgen-alg": "plain", "hash-alg": "sha512"},
+#: (encrypt.* options, other create options)
+CREATE_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({}, {}),
+    ({"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "essiv",
+      "ivgen-hash-alg": "sha256", "hash-alg": "sha1"}, {"cluster-size": 4096}),
+    ({"cipher-alg": "aes-192", "cipher-mode": "xts", "ivgen-alg": "plain", "hash-alg": "sha512"},
+     {"version": "v2"}),
 ]
 
 
-@pytest.mark.parametrize("enc", CREATE_CASES, ids=lambda o: json.dumps(o))
-def test_create_write_luks(tmp_path: Path, enc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("enc,extra", CREATE_CASES, ids=lambda o: json.dumps(o))
+def test_create_write_luks(tmp_path: Path, enc: dict[str, Any], extra: dict[str, Any]) -> None:
     path = tmp_path / "n.qcow2"
     model = bytearray(8 * MiB)
 
     async def body(s: Session) -> None:
-        await s.create(path, {**LUKS, "iter-time": 10, **enc},
-                       **({"cluster-size": 4096} if enc else {}))
+        await s.create(path, {**LUKS, "iter-time": 10, **enc}, **extra)
         node = await s.add(path, LUKS)
         await _random_io(node, len(enc), model)
 
