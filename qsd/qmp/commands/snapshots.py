@@ -36,7 +36,7 @@ def _target(node: Node, need_writable: bool) -> Qcow2Node | None:
     return node
 
 
-def _root(daemon: "Daemon", device: str) -> Node:
+def _root(daemon: Daemon, device: str) -> Node:
     """The node named ``device``; only a node no other node uses will do."""
     node = daemon.graph.find(device, None)
     if any(edge.parent is not None for edge in node.parents):
@@ -51,7 +51,7 @@ def _check_list(target: Qcow2Node) -> None:
 
 
 @command("blockdev-snapshot-internal-sync")
-async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+async def snapshot_internal(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     device, name = args["device"], args["name"]
     node = _root(daemon, device)
     if node.read_only:
@@ -74,7 +74,7 @@ async def snapshot_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str,
 
 
 @command("blockdev-snapshot-delete-internal-sync")
-async def snapshot_delete_internal(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+async def snapshot_delete_internal(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     device = args["device"]
     ident, name = args.get("id"), args.get("name")
     node = _root(daemon, device)

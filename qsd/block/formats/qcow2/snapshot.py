@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.formats.qcow2.cluster import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED)
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+)
 from qsd.block.formats.qcow2.header import MAX_L1_BYTES, MAX_SNAPSHOTS
 from qsd.qmp.errors import GenericError
 
@@ -76,7 +80,7 @@ class Snapshot:
         return raw + bytes(-len(raw) % 8)
 
 
-def parse_table(buf: bytes, count: int) -> tuple[list[Snapshot], int]:
+def parse_table(buf: bytes | bytearray, count: int) -> tuple[list[Snapshot], int]:
     """Decode ``count`` entries; returns them and the table's byte length."""
     snaps: list[Snapshot] = []
     pos = 0
@@ -109,7 +113,7 @@ def parse_table(buf: bytes, count: int) -> tuple[list[Snapshot], int]:
     return snaps, pos
 
 
-async def load(img: "Qcow2Node") -> list[Snapshot]:
+async def load(img: Qcow2Node) -> list[Snapshot]:
     """The image's snapshot table (entries checked when the image opened);
     QEMU lists none for an image with an external data file."""
     h = img.header
@@ -153,7 +157,7 @@ class _Refs:
             self.counts[c] = self.counts.get(c, 0) + 1
 
 
-async def _reachable(img: "Qcow2Node", l1: list[int]) -> _Refs:
+async def _reachable(img: Qcow2Node, l1: list[int]) -> _Refs:
     refs = _Refs()
     cbits = img.cbits
     for l1e in l1:
@@ -173,7 +177,7 @@ async def _reachable(img: "Qcow2Node", l1: list[int]) -> _Refs:
     return refs
 
 
-async def _fix_copied(img: "Qcow2Node") -> None:
+async def _fix_copied(img: Qcow2Node) -> None:
     """Set QCOW_OFLAG_COPIED exactly where the active tables' clusters have
     refcount 1 (QEMU's update with addend 0), then write the active L1."""
     rc = img.refcounts
@@ -204,7 +208,7 @@ async def _fix_copied(img: "Qcow2Node") -> None:
                              "active L1 table")
 
 
-async def _discard(img: "Qcow2Node", freed: list[tuple[int, int]]) -> None:
+async def _discard(img: Qcow2Node, freed: list[tuple[int, int]]) -> None:
     """Pass clusters freed by a snapshot operation down, once their refcounts
     are on disk (QEMU's pass-discard-snapshot, on by default)."""
     if not img.options.get("pass-discard-snapshot", True):
@@ -216,7 +220,7 @@ async def _discard(img: "Qcow2Node", freed: list[tuple[int, int]]) -> None:
             pass  # advisory
 
 
-async def _write_table(img: "Qcow2Node", snaps: list[Snapshot]) -> tuple[int, int] | None:
+async def _write_table(img: Qcow2Node, snaps: list[Snapshot]) -> tuple[int, int] | None:
     """Write the table to new clusters, point the header at it, free the old
     (returned as a run of clusters to discard)."""
     h = img.header
@@ -242,7 +246,7 @@ async def _write_table(img: "Qcow2Node", snaps: list[Snapshot]) -> tuple[int, in
     return None
 
 
-async def create(img: "Qcow2Node", name: str) -> Snapshot:
+async def create(img: Qcow2Node, name: str) -> Snapshot:
     """Snapshot the active state under ``name``, the driver's write lock held
     (errors are OSErrors whose strerror QEMU appends to its message)."""
     snaps = img.snapshot_list
@@ -283,7 +287,7 @@ async def create(img: "Qcow2Node", name: str) -> Snapshot:
     return sn
 
 
-async def delete(img: "Qcow2Node", ident: str | None, name: str | None) -> Snapshot:
+async def delete(img: Qcow2Node, ident: str | None, name: str | None) -> Snapshot:
     """Remove the snapshot matching ``ident``/``name`` and drop its
     references, the driver's write lock held."""
     snaps = img.snapshot_list
