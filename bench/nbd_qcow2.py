@@ -24,7 +24,6 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,8 +33,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nbd_raw import (  # noqa: E402  (the sibling module, whatever the current directory)
-    GiB, MiB, Result, Running, Server, Workload, parse_fio_json, parse_size, report, tool_version,
+from nbd_raw import (  # the sibling module, whatever the current directory
+    GiB,
+    MiB,
+    Result,
+    Running,
+    Server,
+    Workload,
+    parse_fio_json,
+    parse_size,
+    report,
+    tool_version,
 )
 
 EXPORT = "x"
@@ -92,7 +100,7 @@ SERVER_CLASSES = {"qemu": (QemuSD, "QSD"), "qsd": (Qsd, "qsd")}
 
 
 def run(argv: list[str], timeout: float = 600) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {(p.stderr + p.stdout).strip()[-400:]}")
     return p.stdout
@@ -131,7 +139,7 @@ def qemu_img_check(path: Path) -> Check:
     """``qemu-img check``; anything but a clean image (corruption, leaks, a failed check) is not ok."""
     try:
         p = subprocess.run(["qemu-img", "check", "-f", "qcow2", "--output=json", str(path)],
-                           capture_output=True, text=True, timeout=300)
+                           check=False, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         return Check(False, "qemu-img check timed out")
     try:
@@ -207,7 +215,7 @@ def measure(args, server: Server, wl: QWorkload, rnd: int, workdir: Path, image:
         cpu0 = srv.cpu_seconds()
         argv = fio_argv(args, wl, f"nbd+unix:///{EXPORT}?socket={srv.sock}", size, out)
         try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=args.seconds + 60)
+            p = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=args.seconds + 60)
             rc, msg = p.returncode, (p.stderr + p.stdout).strip()
         except subprocess.TimeoutExpired:
             rc, msg = -1, "fio timed out"
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"nbd_qcow2: {tool} not found (bash scripts/setup.sh)", file=sys.stderr)
             return 2
-    eng = subprocess.run([args.fio, "--enghelp=nbd"], capture_output=True, text=True)
+    eng = subprocess.run([args.fio, "--enghelp=nbd"], check=False, capture_output=True, text=True)
     if eng.returncode != 0 or "uri" not in eng.stdout:
         print(f"nbd_qcow2: {args.fio} has no nbd ioengine", file=sys.stderr)
         return 2
