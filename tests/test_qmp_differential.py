@@ -352,7 +352,8 @@ SESSIONS["internal-snapshots"] = (
     "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 ro.qcow2 1M"
     " && qemu-img create -q -f qcow2 pre.qcow2 1M && qemu-io -c 'write -P 7 0 64k' pre.qcow2 >/dev/null"
     " && qemu-img snapshot -c old pre.qcow2 && truncate -s 1M r.img"
-    " && qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img create -q -f qcow2 -o data_file=d.data d.qcow2 1M", [
+    " && qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img create -q -f qcow2 -o data_file=d.data d.qcow2 1M"
+    " && qemu-img create -q -f qcow2 ros.qcow2 1M && qemu-img snapshot -c s ros.qcow2", [
         CAPS,
         _qcow2("q", "a.qcow2"), _qcow2("ro", "ro.qcow2", ', "read-only": true'),
         _qcow2("p", "pre.qcow2"),
@@ -388,6 +389,8 @@ SESSIONS["internal-snapshots"] = (
         _exe(SNAP_DEL, '{"device": "rb", "name": "s"}', 43),
         _exe(SNAP, '{"device": "d", "name": "s"}', 44),
         _exe(SNAP_DEL, '{"device": "d", "name": "s"}', 45),
+        _qcow2("ros", "ros.qcow2", ', "read-only": true'),
+        _exe(SNAP_DEL, '{"device": "ros", "name": "s"}', 46),
         Shell(SNAP_LIST.format("a.qcow2") + "; " + SNAP_LIST.format("pre.qcow2")),
         _exe("blockdev-del", '{"node-name": "q"}', 50),
         _exe("blockdev-del", '{"node-name": "p"}', 51),
