@@ -258,3 +258,31 @@ def test_qmp_commands_on_a_running_qsd(qsd, tmp_path: Path) -> None:
     data = snapshot_data(img, "b")
     assert data[:65536] == b"\x02" * 65536 and data[65536:131072] == b"\x01" * 65536
     assert [s["name"] for s in qemu_snapshots(img)] == ["b"]
+
+
+def test_snapshots_across_a_resize(tmp_path: Path) -> None:
+    """Snapshot L1 tables of another size than the active one; disk sizes kept."""
+    img = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(img), "64k")
+    run("qemu-io", "-c", "write -P 1 0 64k", str(img))
+
+    async def go() -> None:
+        g, node = await _open(img)
+        try:
+            await node.snapshot_create("small")
+            await node.truncate(1 << 20)
+            await node.write(65536, b"\x02" * 65536)
+            await node.write(0, b"\x03" * 512)
+            await node.snapshot_create("big")
+            await node.write(65536, b"\x04" * 512)
+            await node.snapshot_delete(None, "small")
+        finally:
+            await g.delete("q")
+    asyncio.run(go())
+    check_clean(img)
+    big = snapshot_data(img, "big")
+    assert len(big) == 1 << 20
+    assert big[:512] == b"\x03" * 512 and big[512:65536] == b"\x01" * (65536 - 512)
+    assert big[65536:131072] == b"\x02" * 65536
+    run("qemu-img", "snapshot", "-a", "big", str(img))
+    assert snapshot_data(img, None) == big
