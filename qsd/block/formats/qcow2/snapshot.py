@@ -114,14 +114,12 @@ def parse_table(buf: bytes | bytearray, count: int) -> tuple[list[Snapshot], int
 
 
 async def load(img: Qcow2Node) -> list[Snapshot]:
-    """The image's snapshot table (entries checked when the image opened);
-    QEMU lists none for an image with an external data file."""
+    """The image's snapshot table, ``snapshot_table_len`` bytes as measured
+    when the image opened; QEMU lists none for an image with a data file."""
     h = img.header
     if not h.nb_snapshots or img.has_data_file:
         return []
-    end = img.file_end()
-    size = min(end - h.snapshots_offset, h.nb_snapshots * (_ENTRY.size + MAX_EXTRA + 2 * 65535 + 8))
-    buf = await img.read_file(h.snapshots_offset, size)
+    buf = await img.read_file(h.snapshots_offset, img.snapshot_table_len)
     return parse_table(buf, h.nb_snapshots)[0]
 
 
