@@ -31,6 +31,23 @@ def perm_names(perm: Perm) -> str:
     return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
 
 
+def inherited_options(parent: Node, options: dict[str, Any], role: Role) -> dict[str, Any]:
+    """Options an inline child takes from its parent where it sets none itself,
+    as QEMU's block layer hands them down: read-only (always, for a backing
+    child), auto-read-only, the cache mode, and ``discard=unmap`` (each node
+    still decides for itself whether it passes discards on)."""
+    child = dict(options)
+    child.setdefault("discard", "unmap")
+    if Role.COW in role:
+        child.setdefault("read-only", True)
+    for key in ("read-only", "auto-read-only"):
+        if key in parent.options:
+            child.setdefault(key, parent.options[key])
+    if "cache" in parent.options:
+        child["cache"] = {**parent.options["cache"], **child.get("cache", {})}
+    return child
+
+
 @dataclass(eq=False)
 class Edge:
     """One user of ``child``: a parent node's child link or a root user."""
@@ -142,7 +159,7 @@ class Graph:
                 raise GenericError(f"Cannot find device='{ref}' nor node-name='{ref}'")
             await self.attach(parent, name, child, role)
             return child
-        child = await self.open_node(ref)
+        child = await self.open_node(inherited_options(parent, ref, role))
         try:
             await self.attach(parent, name, child, role)
         except BaseException:

@@ -105,6 +105,8 @@ class RawNode(Node):
         await self.file.write_zeroes(self._offset + offset, length, may_unmap, fua, no_fallback)
 
     async def discard(self, offset: int, length: int) -> None:
+        if self.discard_mode != "unmap":
+            return
         await self.file.discard(self._offset + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
