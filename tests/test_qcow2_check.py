@@ -256,9 +256,6 @@ def test_random_metadata_damage(tmp_path: Path) -> None:
         assert ours(img) == qemu_check(img)
 
 
-@pytest.mark.xfail(strict=True, reason="Qcow2Node._repair (driver.py) only lowers refcounts "
-                   "below the highest referenced cluster: leaks past it stay, the dirty bit "
-                   "is cleared anyway (found by the crash test's reopen of dirty images)")
 def test_driver_repair_on_open_leaks_past_last_reference(tmp_path: Path) -> None:
     """A dirty lazy-refcounts image whose leaked clusters lie past every
     referenced one: qsd's repair on a read-write open must free them too."""

@@ -336,9 +336,13 @@ class Qcow2Node(ClusterMap, Node):
             cur = await rc.get(c)
             if want.get(c, 0) > cur:
                 await rc.update(c << self.cbits, 1, want[c] - cur)
-        for c in range(top):
+        # Lower up to the end of the file (leaks may lie past the last
+        # reference); the raise may have allocated refcount blocks: keep them.
+        meta_new = self._meta_new_since(want)
+        end = max(top, -(-self.file_node.size // self.cs))
+        for c in range(end):
             cur = await rc.get(c)
-            if cur > want.get(c, 0) and c not in self._meta_new_since(want):
+            if cur > want.get(c, 0) and c not in meta_new:
                 await rc.update(c << self.cbits, 1, want.get(c, 0) - cur)
         rc.free_hint = 0
         await self.refcounts.cache.flush()
