@@ -40,8 +40,8 @@ from nbd_raw import (  # the sibling module, whatever the current directory
     Running,
     Server,
     Workload,
-    parse_fio_json,
     parse_size,
+    record_fio,
     report,
     tool_version,
 )
@@ -227,23 +227,7 @@ def measure(args, server: Server, wl: QWorkload, rnd: int, workdir: Path, image:
         if rc != 0:
             res.error = f"fio exit {rc}: {' '.join(msg.split())[-300:]}"
             return res
-        job = parse_fio_json(out)["jobs"][0]
-        if job.get("error"):
-            res.error = f"fio job error {job['error']}"
-            return res
-        side = job[wl.direction]
-        res.bytes = int(side["io_bytes"])
-        res.runtime_s = side["runtime"] / 1000.0  # ms
-        if res.runtime_s <= 0 or res.bytes <= 0:
-            res.error = "fio moved no data"
-            return res
-        res.mib_s = res.bytes / MiB / res.runtime_s
-        res.iops = float(side["iops"])
-        res.cpu_s = cpu1 - cpu0
-        res.cpu_s_per_gib = res.cpu_s / (res.bytes / GiB)
-        res.fio_usr_cpu = float(job.get("usr_cpu", 0.0))
-        res.fio_sys_cpu = float(job.get("sys_cpu", 0.0))
-        res.ok = True
+        record_fio(res, out, wl.direction, cpu1 - cpu0)
         return res
     except (OSError, ValueError, KeyError) as e:
         res.error = f"{type(e).__name__}: {e}"

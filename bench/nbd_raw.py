@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 1 << 20
@@ -213,6 +213,28 @@ def parse_fio_json(path: Path) -> dict:
     return json.loads(text[start:])
 
 
+def record_fio(res: "Result", out: Path, direction: str, cpu_s: float) -> None:
+    """Fill ``res`` from fio's JSON output and the server's CPU time; a
+    failed or empty fio job leaves ``res.error`` set instead."""
+    job = parse_fio_json(out)["jobs"][0]
+    if job.get("error"):
+        res.error = f"fio job error {job['error']}"
+        return
+    side = job[direction]
+    res.bytes = int(side["io_bytes"])
+    res.runtime_s = side["runtime"] / 1000.0  # ms
+    if res.runtime_s <= 0 or res.bytes <= 0:
+        res.error = "fio moved no data"
+        return
+    res.mib_s = res.bytes / MiB / res.runtime_s
+    res.iops = float(side["iops"])
+    res.cpu_s = cpu_s
+    res.cpu_s_per_gib = res.cpu_s / (res.bytes / GiB)
+    res.fio_usr_cpu = float(job.get("usr_cpu", 0.0))
+    res.fio_sys_cpu = float(job.get("sys_cpu", 0.0))
+    res.ok = True
+
+
 def run_fio(args, wl: Workload, uri: str, size: int, out: Path) -> tuple[int, str]:
     argv = [
         args.fio, f"--name={wl.name}", "--ioengine=nbd", f"--uri={uri}",
@@ -250,24 +272,7 @@ def measure(args, server: Server, wl: Workload, rnd: int, workdir: Path, image: 
         if rc != 0:
             res.error = f"fio exit {rc}: {' '.join(msg.split())[-300:]}"
             return res
-        data = parse_fio_json(out)
-        job = data["jobs"][0]
-        if job.get("error"):
-            res.error = f"fio job error {job['error']}"
-            return res
-        side = job[wl.direction]
-        res.bytes = int(side["io_bytes"])
-        res.runtime_s = side["runtime"] / 1000.0  # ms
-        if res.runtime_s <= 0 or res.bytes <= 0:
-            res.error = "fio moved no data"
-            return res
-        res.mib_s = res.bytes / MiB / res.runtime_s
-        res.iops = float(side["iops"])
-        res.cpu_s = cpu1 - cpu0
-        res.cpu_s_per_gib = res.cpu_s / (res.bytes / GiB)
-        res.fio_usr_cpu = float(job.get("usr_cpu", 0.0))
-        res.fio_sys_cpu = float(job.get("sys_cpu", 0.0))
-        res.ok = True
+        record_fio(res, out, wl.direction, cpu1 - cpu0)
         return res
     except (OSError, ValueError, KeyError) as e:
         res.error = f"{type(e).__name__}: {e}"
