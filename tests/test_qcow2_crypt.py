@@ -28,10 +28,14 @@ PASSWORD = "pw-qcow2-crypt"
 SECRET = ["--object", f"secret,id=s,data={PASSWORD}"]
 
 #: (qemu-img -o encrypt.* options, cluster size)
+#: QEMU's PBKDF2 calibration of sha1/sha256 fails almost always on this kind
+#: of machine ("Unable to get accurate CPU usage"), sha512 and ripemd160 never
+#: did: QEMU makes its images with those (sha1/sha256 headers are covered by
+#: the images qsd creates, which QEMU then reads).
 QEMU_COMBOS = [
-    ("", "65536"),
-    ("cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
-     "4096"),
+    ("hash-alg=sha512", "65536"),
+    ("cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,"
+     "hash-alg=ripemd160", "4096"),
     ("cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha512", "65536"),
 ]
 PATTERNS = ("write -P 0x41 0 300k", "write -z 1M 128k", "write -P 0x42 1100k 5k",
@@ -127,7 +131,7 @@ def in_session(body: Any) -> Any:
 
 
 LUKS = {"format": "luks", "key-secret": "s"}
-LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
+LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.hash-alg=sha512"
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,12 @@ class LuksHeader:
         return out
 
 
+#: Largest PBKDF2 iteration count we run. QEMU and cryptsetup calibrate to
+#: about 2 s of CPU (1-5 million here); a header asking for far more is a
+#: corrupt or hostile one that would hang the opener for minutes or hours.
+MAX_PBKDF_ITERATIONS = 1 << 24
+
+
 def _check_layout(payload_offset: int, key_bytes: int, mk_iterations: int,
                   slots: list[LuksSlot], limit: int | None) -> None:
     """Bounds checks that keep a hostile header from steering reads or
@@ -267,10 +273,16 @@ def _check_layout(payload_offset: int, key_bytes: int, mk_iterations: int,
         raise GenericError("LUKS payload is overlapping with the header")
     if mk_iterations == 0:
         raise GenericError("LUKS key iteration count is zero")
+    if mk_iterations > MAX_PBKDF_ITERATIONS:
+        raise GenericError(f"LUKS key iteration count {mk_iterations} is larger than "
+                           f"{MAX_PBKDF_ITERATIONS}")
     spans: list[tuple[int, int]] = []
     for i, slot in enumerate(slots):
         if slot.active and slot.iterations == 0:
             raise GenericError(f"Keyslot {i} iteration count is zero")
+        if slot.active and slot.iterations > MAX_PBKDF_ITERATIONS:
+            raise GenericError(f"Keyslot {i} iteration count {slot.iterations} is larger "
+                               f"than {MAX_PBKDF_ITERATIONS}")
         if slot.stripes != STRIPES:
             raise GenericError(f"Keyslot {i} is corrupted (stripes {slot.stripes} != "
                                f"{STRIPES})")
