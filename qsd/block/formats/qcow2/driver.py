@@ -144,9 +144,10 @@ class Qcow2Node(ClusterMap, Node):
         await self.l2_cache.flush()
         await self.refcounts.cache.flush()
 
-    async def discard_host(self, frees: list[tuple[int, int]]) -> None:
-        """Pass freed clusters down when the node discards (pass-discard-request)."""
-        if self.discard_mode != "unmap" or not self.options.get("pass-discard-request", True):
+    async def discard_host(self, frees: list[tuple[int, int]], option: str) -> None:
+        """Pass freed clusters down to the file when QEMU's ``option``
+        (pass-discard-request, pass-discard-snapshot) allows; advisory."""
+        if not self.options.get(option, True):
             return
         for offset, count in frees:
             try:

@@ -142,7 +142,8 @@ class Refcounts:
         frees, self.pending_frees = self.pending_frees, []
         for offset, count in frees:
             await self.update(offset, count, -1)
-        await self.img.discard_host(frees)
+        if self.img.discard_mode == "unmap":
+            await self.img.discard_host(frees, "pass-discard-request")
 
     def _reserved_end(self, c: int) -> int | None:
         for start, end in self.reserved:

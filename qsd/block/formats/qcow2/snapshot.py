@@ -206,18 +206,6 @@ async def _fix_copied(img: Qcow2Node) -> None:
                              "active L1 table")
 
 
-async def _discard(img: Qcow2Node, freed: list[tuple[int, int]]) -> None:
-    """Pass clusters freed by a snapshot operation down, once their refcounts
-    are on disk (QEMU's pass-discard-snapshot, on by default)."""
-    if not img.options.get("pass-discard-snapshot", True):
-        return
-    for offset, count in freed:
-        try:
-            await img.file_node.discard(offset, count << img.cbits)
-        except OSError:
-            pass  # advisory
-
-
 async def _write_table(img: Qcow2Node, snaps: list[Snapshot]) -> tuple[int, int] | None:
     """Write the table to new clusters, point the header at it, free the old
     (returned as a run of clusters to discard)."""
@@ -281,7 +269,7 @@ async def create(img: Qcow2Node, name: str) -> Snapshot:
     img.snapshot_l1s.append((l1_off, h.l1_size))
     await rc.cache.flush()
     await img.file_node.flush()
-    await _discard(img, [old_table] if old_table else [])
+    await img.discard_host([old_table] if old_table else [], "pass-discard-snapshot")
     return sn
 
 
@@ -318,5 +306,5 @@ async def delete(img: Qcow2Node, ident: str | None, name: str | None) -> Snapsho
     await _fix_copied(img)
     await rc.cache.flush()
     await img.file_node.flush()
-    await _discard(img, freed)
+    await img.discard_host(freed, "pass-discard-snapshot")
     return sn
