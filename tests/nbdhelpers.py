@@ -22,10 +22,10 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Any
 
-from qsd.block.node import Extent, Node
+from qsd.block.graph import Edge
+from qsd.block.node import Extent, Node, Perm, Role
 from qsd.export.nbd.server import NBDExportConfig, NBDServer
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,19 +68,19 @@ class FileNode(Node):
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         self.writes += 1
         os.pwrite(self.fd, data, offset)
         if fua:
             os.fdatasync(self.fd)
 
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if may_unmap else FALLOC_FL_ZERO_RANGE
         fallocate(self.fd, mode, offset, length)
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def drv_discard(self, offset: int, length: int) -> None:
         fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     async def flush(self) -> None:
@@ -117,16 +117,16 @@ class FailingNode(FileNode):
             raise OSError(errno.EIO, "Input/output error")
         await super().read_into(offset, buf)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
-                    fua: bool = False) -> None:
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
+                        fua: bool = False) -> None:
         if offset + len(data) > self.fail_from:
             raise OSError(errno.ENOSPC, "No space left on device")
-        await super().write(offset, data, fua)
+        await super().drv_write(offset, data, fua)
 
 
-def edge(node: Node) -> SimpleNamespace:
-    """Stands in for a graph edge: the export only reads ``.child``."""
-    return SimpleNamespace(child=node)
+def edge(node: Node) -> Edge:
+    """A root user's edge outside any graph, as the export needs one."""
+    return Edge(child=node, name="root", role=Role.DATA, perm=Perm.all(), shared=Perm.all())
 
 
 class ServerThread:

@@ -14,7 +14,11 @@ Contract for drivers
   ``open`` must set ``self.size``.
 * Data methods take byte offsets. ``read_into(offset, buf)`` fills the whole
   memoryview ``buf`` (reads past EOF are the caller's bug). Writes get
-  ``bytes``/``memoryview`` data.
+  ``bytes``/``memoryview`` data. Drivers implement reads as ``read_into`` and
+  changes as ``drv_write``, ``drv_write_zeroes``, ``drv_discard`` and
+  ``drv_truncate``; callers use the public ``write``, ``write_zeroes``,
+  ``discard`` and ``truncate``, which count requests in flight, run write
+  observers and mark dirty bitmaps around the driver's method.
 * ``block_status(offset, length)`` returns at least one :class:`Extent`
   starting at ``offset`` (it may cover less than ``length``). Data extents of
   file-backed nodes carry ``host_fd``/``host_offset`` so that an export can
@@ -28,13 +32,15 @@ Contract for drivers
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from qsd.qmp.errors import GenericError
 
 if TYPE_CHECKING:
+    from qsd.block.bitmap import DirtyBitmap
     from qsd.block.graph import Edge, Graph
     from qsd.objects import ObjectRegistry
 
@@ -140,6 +146,17 @@ class Node:
         self.parents: list["Edge"] = []
         #: True once created by blockdev-add at top level (monitor-owned).
         self.monitor_owned = False
+        #: Dirty bitmaps attached to this node (``qsd.block.bitmap``).
+        self.dirty_bitmaps: list["DirtyBitmap"] = []
+        #: Called as ``observer(node, offset, length)`` before every write,
+        #: zero-write and discard (write thresholds use it).
+        self.write_observers: list[Callable[["Node", int, int], None]] = []
+        #: Write requests (and resizes) running in this node right now.
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        #: Drained sections open on this node; root users wait while > 0.
+        self.quiesce_count = 0
+        self._unquiesced: asyncio.Event | None = None
 
     # ----- life cycle -------------------------------------------------
     @classmethod
@@ -205,14 +222,95 @@ class Node:
         await self.read_into(offset, memoryview(buf))
         return buf
 
+    # Public entry points: every user (parent node, export, job) calls these.
+    # They keep the books QEMU's generic block layer keeps (requests in
+    # flight for drained sections, dirty bitmaps, write observers) around
+    # the driver's ``drv_*`` method, which is what drivers override.
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
-        raise OSError(95, "Operation not supported")
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._begin_write(offset, length)
+        try:
+            await self.drv_write(offset, data, fua)
+        finally:
+            self._end_write(offset, length)
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         """Zero a range; ``no_fallback`` forbids writing explicit zero buffers
         (NBD's FAST_ZERO): raise ENOTSUP then."""
+        self._begin_write(offset, length)
+        try:
+            await self.drv_write_zeroes(offset, length, may_unmap, fua, no_fallback)
+        finally:
+            self._end_write(offset, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory: drivers that cannot discard do nothing."""
+        self._begin_write(offset, length)
+        try:
+            await self.drv_discard(offset, length)
+        finally:
+            self._end_write(offset, length)
+
+    async def truncate(self, size: int, exact: bool = False,
+                       prealloc: str = "off") -> None:
+        """Resize; dirty bitmaps follow the new size."""
+        self.in_flight += 1
+        try:
+            await self.drv_truncate(size, exact, prealloc)
+        finally:
+            self._request_done()
+        for bitmap in self.dirty_bitmaps:
+            bitmap.resize(self.size)
+
+    def _begin_write(self, offset: int, length: int) -> None:
+        for observer in self.write_observers:
+            observer(self, offset, length)
+        self.in_flight += 1
+
+    def _end_write(self, offset: int, length: int) -> None:
+        # Marked whether or not the write succeeded, as QEMU does: a failed
+        # write may still have changed part of the range.
+        for bitmap in self.dirty_bitmaps:
+            if bitmap.enabled:
+                bitmap.set_range(offset, length)
+        self._request_done()
+
+    def _request_done(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight in this node."""
+        while self.in_flight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def wait_unquiesced(self) -> None:
+        """Return once no drained section is open on this node."""
+        while self.quiesce_count:
+            if self._unquiesced is None:
+                self._unquiesced = asyncio.Event()
+            await self._unquiesced.wait()
+
+    def unquiesce(self) -> None:
+        self.quiesce_count -= 1
+        if not self.quiesce_count and self._unquiesced is not None:
+            self._unquiesced.set()
+            self._unquiesced = None
+
+    # Driver hooks.
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
+                        fua: bool = False) -> None:
+        raise OSError(95, "Operation not supported")
+
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                               fua: bool = False, no_fallback: bool = False) -> None:
         if no_fallback:
             raise OSError(95, "Operation not supported")
         chunk = 1 << 20
@@ -221,19 +319,19 @@ class Node:
         end = offset + length
         while pos < end:
             n = min(chunk, end - pos)
-            await self.write(pos, memoryview(zeroes)[:n], fua)
+            await self.drv_write(pos, memoryview(zeroes)[:n], fua)
             pos += n
 
-    async def discard(self, offset: int, length: int) -> None:
-        """Advisory: drivers that cannot discard do nothing."""
+    async def drv_discard(self, offset: int, length: int) -> None:
+        pass
+
+    async def drv_truncate(self, size: int, exact: bool = False,
+                           prealloc: str = "off") -> None:
+        raise GenericError("Image format driver does not support resize")
 
     async def flush(self) -> None:
         for edge in self.children.values():
             await edge.child.flush()
-
-    async def truncate(self, size: int, exact: bool = False,
-                       prealloc: str = "off") -> None:
-        raise GenericError("Image format driver does not support resize")
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(offset, length, data=True, zero=False, depth=1)]

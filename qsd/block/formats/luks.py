@@ -92,7 +92,7 @@ class LuksNode(Node):
         skip = offset - first * SECTOR_SIZE
         buf[:] = memoryview(plain)[skip:skip + len(buf)]
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         length = len(memoryview(data).cast("B"))
         if not length:
@@ -128,7 +128,7 @@ class LuksNode(Node):
                 ev.set()
                 return
 
-    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         await self.file.truncate(self._payload + size, exact, prealloc)
 
     # ----- introspection ----------------------------------------------------

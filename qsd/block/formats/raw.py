@@ -96,20 +96,20 @@ class RawNode(Node):
         if n < len(buf):  # the rounded-up tail past the child's end
             buf[n:] = bytes(len(buf) - n)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         await self.file.write(self._offset + offset, data, fua)
 
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         await self.file.write_zeroes(self._offset + offset, length, may_unmap, fua, no_fallback)
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def drv_discard(self, offset: int, length: int) -> None:
         if self.discard_mode != "unmap":
             return
         await self.file.discard(self._offset + offset, length)
 
-    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if self._fixed_size is not None:
             raise GenericError("Cannot resize fixed-size raw disks")
         await self.file.truncate(self._offset + size, exact, prealloc)

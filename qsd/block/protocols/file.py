@@ -362,7 +362,7 @@ class FileNode(Node):
         _pwrite_full(self.fd, bounce, start, flags)
         return end
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         data = memoryview(data).cast("B")
         if not data:
@@ -404,7 +404,7 @@ class FileNode(Node):
             os.ftruncate(self.fd, end)  # the new part reads as zeroes
         return True
 
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         if length <= 0:
             return
@@ -412,13 +412,13 @@ class FileNode(Node):
         async with self._guarded(offset, length):
             done = await self._offload(self._zero_range, offset, length, unmap)
         if not done:
-            await super().write_zeroes(offset, length, fua=fua, no_fallback=no_fallback)
+            await super().drv_write_zeroes(offset, length, fua=fua, no_fallback=no_fallback)
             return
         self._grown(offset + length)
         if fua:
             await self.flush()
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def drv_discard(self, offset: int, length: int) -> None:
         end = min(offset + length, self._eof)
         if self.discard_mode != "unmap" or offset >= end:
             return
@@ -435,7 +435,7 @@ class FileNode(Node):
         if not self.cache_no_flush:
             await self._offload(os.fdatasync, self.fd)
 
-    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if prealloc not in ("off", "falloc", "full"):
             raise GenericError(f"Unsupported preallocation mode: {prealloc}")
         await self._offload(self._truncate, size, prealloc)
@@ -524,7 +524,7 @@ class HostDeviceNode(FileNode):
             raise GenericError(f"'{self.driver}' driver requires '{filename}' to be either "
                                "a character or block device")
 
-    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         """Devices cannot change size; a smaller size is fine unless exact."""
         if prealloc != "off":
             raise GenericError(

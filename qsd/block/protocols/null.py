@@ -56,11 +56,11 @@ class NullCoNode(Node):
         if self._read_zeroes:
             buf[:] = bytes(len(buf))
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         await self._delay()
 
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         await self._delay()
 

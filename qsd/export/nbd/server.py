@@ -468,20 +468,21 @@ class _Client(asyncio.BufferedProtocol):
             if rtype == Cmd.BLOCK_STATUS:
                 await self._block_status(node, req)
                 return
+            edge = self.export.cfg.edge      # changes wait out drained sections
             if rtype == Cmd.WRITE:
                 if req.length:
                     assert req.data is not None
-                    await node.write(req.offset, req.data, fua)
+                    await edge.write(req.offset, req.data, fua)
             elif rtype == Cmd.FLUSH:
-                await node.flush()
+                await edge.flush()
             elif rtype == Cmd.TRIM:
                 if req.length:
-                    await node.discard(req.offset, req.length)
+                    await edge.discard(req.offset, req.length)
                     if fua:
-                        await node.flush()
+                        await edge.flush()
             elif rtype == Cmd.WRITE_ZEROES:
                 if req.length:
-                    await node.write_zeroes(req.offset, req.length,
+                    await edge.write_zeroes(req.offset, req.length,
                                             may_unmap=not req.flags & CmdFlag.NO_HOLE, fua=fua,
                                             no_fallback=bool(req.flags & CmdFlag.FAST_ZERO))
             elif rtype == Cmd.CACHE:

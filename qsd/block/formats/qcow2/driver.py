@@ -483,7 +483,7 @@ class Qcow2Node(ClusterMap, Node):
                 await self.write_header()
                 await self.file_node.flush()
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+    async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
         self._check_writable()
         data = memoryview(data).cast("B")
@@ -617,7 +617,7 @@ class Qcow2Node(ClusterMap, Node):
         await self.data_node.write(host, out)
 
     # ----- zeroes and discards --------------------------------------------
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+    async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         self._check_writable()
         async with self._lock:
@@ -713,7 +713,7 @@ class Qcow2Node(ClusterMap, Node):
             self.free_entry(entry)
         return True
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def drv_discard(self, offset: int, length: int) -> None:
         if self.discard_mode != "unmap":
             return
         self._check_writable()
@@ -754,7 +754,7 @@ class Qcow2Node(ClusterMap, Node):
                 await self._flush_metadata()
         await super().flush()
 
-    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if prealloc != "off":
             raise GenericError(f"Unsupported preallocation mode: {prealloc}")
         if size % 512:
