@@ -237,6 +237,30 @@ class Graph:
         if not child.parents and not child.monitor_owned:
             await self.close_node(child)
 
+    def replace_node(self, old: Node, new: Node, exclude: Iterable[Edge] = ()) -> None:
+        """QEMU's bdrv_replace_node: every user of ``old`` (but ``exclude`` and
+        edges from ``new`` itself) becomes a user of ``new``, keeping its edge
+        object (exports and parents keep their references). Checked first;
+        on a conflict nothing changes. Call it inside a drained section."""
+        skip = set(map(id, exclude))
+        moved = [e for e in old.parents if id(e) not in skip and e.parent is not new]
+        for edge in moved:
+            old.parents.remove(edge)
+            edge.child = new
+            new.parents.append(edge)
+        try:
+            plan = _Plan()
+            self._propagate([new, old], plan)
+        except BaseException:
+            for edge in moved:
+                new.parents.remove(edge)
+                edge.child = old
+                old.parents.append(edge)
+            raise
+        self._commit(plan)
+        for node in (old, new):
+            node.set_perm(*self.cumulative(node))
+
     # ----- permission planning -------------------------------------------
     def cumulative(self, node: Node, plan: _Plan | None = None) -> tuple[Perm, Perm]:
         perm, shared = Perm(0), Perm.all()

@@ -342,6 +342,17 @@ class Node:
         bytes without going through the driver's coroutines."""
         return None
 
+    # ----- persistent dirty bitmaps -------------------------------------
+    def bitmap_check_persistent(self, name: str, granularity: int) -> None:
+        """Raise QMPError unless a persistent bitmap ``name`` of ``granularity``
+        could be stored in this node's image (qcow2 overrides this). The
+        caller adds QEMU's "Can't store persistent bitmaps to NODE: " prefix."""
+        raise OSError(95, "Operation not supported")
+
+    async def bitmap_remove_persistent(self, name: str) -> None:
+        """Drop the stored copy of persistent bitmap ``name`` from the image
+        (block-dirty-bitmap-remove does it at once, as QEMU does)."""
+
     # ----- introspection -----------------------------------------------
     @property
     def filename(self) -> str:
