@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from qsd.block.throttle import LIMIT_NAMES, ThrottleConfig, ThrottleGroup
 from qsd.crypto.secret import Secret
 from qsd.qmp.errors import DeviceNotFound, GenericError
 
@@ -34,6 +35,39 @@ class IOThread:
         self.props = props
 
 
+class ThrottleGroupObject:
+    """A throttle-group: limits shared by the throttle nodes naming it.
+
+    ``limits`` sets the given ThrottleLimits members; the unstable flat
+    ``x-NAME`` properties set one member each. Checked as a whole at the end
+    (QEMU's complete()), with QEMU's texts.
+    """
+
+    qom_type = "throttle-group"
+
+    def __init__(self, oid: str, props: dict[str, Any]) -> None:
+        config = ThrottleConfig()
+        for name, value in props.items():
+            if name == "limits":
+                config.apply_limits(value)
+            elif name.startswith("x-"):
+                if value < 0:
+                    raise GenericError("Property values cannot be negative")
+                config.set_limit(name[2:], value, name)
+        config.check()
+        self.group = ThrottleGroup(oid, config)
+
+    def in_use(self) -> bool:
+        return bool(self.group.members)
+
+    def get(self, prop: str) -> Any:
+        if prop == "limits":
+            return self.group.config.limits()
+        if prop.startswith("x-") and prop[2:] in LIMIT_NAMES:
+            return self.group.config.get_limit(prop[2:])
+        raise GenericError(f"Property '{self.qom_type}.{prop}' not found")
+
+
 class ObjectRegistry:
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
@@ -49,6 +83,8 @@ class ObjectRegistry:
         qom_type = args["qom-type"]
         if qom_type == "secret":
             obj: Any = Secret(props, self.secret)
+        elif qom_type == "throttle-group":
+            obj = ThrottleGroupObject(oid, props)
         else:
             obj = IOThread(props)
         self.objects[oid] = obj
@@ -56,6 +92,8 @@ class ObjectRegistry:
     def delete(self, oid: str) -> None:
         if oid not in self.objects:
             raise GenericError(f"object '{oid}' not found")
+        if getattr(self.objects[oid], "in_use", lambda: False)():
+            raise GenericError(f"object '{oid}' is in use, can not be deleted")
         del self.objects[oid]
 
     def qom_get(self, path: str, prop: str) -> Any:
@@ -67,6 +105,8 @@ class ObjectRegistry:
             raise DeviceNotFound(f"Device '{path}' not found")
         if prop == "type":
             return obj.qom_type
+        if isinstance(obj, ThrottleGroupObject):
+            return obj.get(prop)
         defaults = QOM_DEFAULTS[obj.qom_type]
         if prop not in defaults:
             raise GenericError(f"Property '{obj.qom_type}.{prop}' not found")
@@ -75,3 +115,7 @@ class ObjectRegistry:
     def secret(self, oid: str) -> Secret | None:
         obj = self.objects.get(oid)
         return obj if isinstance(obj, Secret) else None
+
+    def throttle_group(self, name: str) -> ThrottleGroup | None:
+        obj = self.objects.get(name)
+        return obj.group if isinstance(obj, ThrottleGroupObject) else None

@@ -11,6 +11,10 @@ DRIVER_MODULES = (
     "qsd.block.formats.raw",
     "qsd.block.formats.qcow2",
     "qsd.block.formats.luks",
+    "qsd.block.filters.throttle",
+    "qsd.block.filters.copy_on_read",
+    "qsd.block.filters.blkdebug",
+    "qsd.block.filters.preallocate",
 )
 
 

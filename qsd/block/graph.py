@@ -377,6 +377,7 @@ class Graph:
                 quiet[id(n)] = n
         for n in quiet.values():
             n.quiesce_count += 1
+            n.drain_begin()
         try:
             for n in quiet.values():
                 await n.wait_idle()
@@ -384,6 +385,7 @@ class Graph:
         finally:
             for n in quiet.values():
                 n.unquiesce()
+                n.drain_end()
 
     # ----- closing -----------------------------------------------------
     async def close_node(self, node: Node) -> None:

@@ -232,8 +232,10 @@ class Node:
         length = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._begin_write(offset, length)
         try:
+            self.debug_event("pwritev")
             await self.drv_write(offset, data, fua)
         finally:
+            self.debug_event("pwritev_done")
             self._end_write(offset, length)
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
@@ -242,8 +244,10 @@ class Node:
         (NBD's FAST_ZERO): raise ENOTSUP then."""
         self._begin_write(offset, length)
         try:
+            self.debug_event("pwritev_zero")
             await self.drv_write_zeroes(offset, length, may_unmap, fua, no_fallback)
         finally:
+            self.debug_event("pwritev_done")
             self._end_write(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -304,6 +308,19 @@ class Node:
             self._unquiesced.set()
             self._unquiesced = None
 
+    def drain_begin(self) -> None:
+        """A drained section opened on this node (after ``quiesce_count``
+        went up): a node that holds requests back (throttle) lets them go."""
+
+    def drain_end(self) -> None:
+        """A drained section on this node closed (``quiesce_count`` is down)."""
+
+    def debug_event(self, event: str) -> None:
+        """QEMU's bdrv_debug_event: ``event`` (a BlkdebugEvent name) happened
+        to this node. Formats fire ``read_aio``/``write_aio`` on their file
+        child, the public write methods ``pwritev``/``pwritev_zero`` and
+        ``pwritev_done`` on the node itself; blkdebug acts on them."""
+
     # Driver hooks.
     async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                         fua: bool = False) -> None:
@@ -330,6 +347,11 @@ class Node:
         raise GenericError("Image format driver does not support resize")
 
     async def flush(self) -> None:
+        primary = self.children.get("file")
+        if primary is not None:
+            primary.child.debug_event("flush_to_os")
+            if not self.cache_no_flush:
+                primary.child.debug_event("flush_to_disk")
         for edge in self.children.values():
             await edge.child.flush()
 

@@ -91,6 +91,7 @@ class RawNode(Node):
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         n = self._child_span(offset, len(buf))
+        self.file.debug_event("read_aio")
         if n:
             await self.file.read_into(self._offset + offset, buf[:n])
         if n < len(buf):  # the rounded-up tail past the child's end
@@ -98,6 +99,7 @@ class RawNode(Node):
 
     async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
+        self.file.debug_event("write_aio")
         await self.file.write(self._offset + offset, data, fua)
 
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,

@@ -1,0 +1,237 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""blkdebug: the config-file parser (property tests), rule semantics, and
+QSD's error texts and injected errors as an NBD client sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsd.block.filters.blkdebug import (GROUPS, BlkdebugNode, build_rules, parse_config,
+                                        parse_number)
+from qsd.qmp.errors import GenericError
+
+# ---------------------------------------------------------------------------
+# parser
+
+
+def test_parse_config_groups_and_ids() -> None:
+    text = (b'# comment\n\n[inject-error]\nevent = "read_aio"\n  errno = "28"\n'
+            b'[set-state "s1"]\nevent = "write_aio"\nnew_state = "2"\n')
+    groups = parse_config(text)
+    assert [(g.name, g.values) for g in groups] == [
+        ("inject-error", {"event": "read_aio", "errno": "28"}),
+        ("set-state", {"id": "s1", "event": "write_aio", "new_state": "2"})]
+
+
+@pytest.mark.parametrize("text, error", [
+    (b'event = "read_aio"\n', "no group defined"),
+    (b'[inject-error]\n   \n', "parse error"),
+    (b'[inject-error]\r\n', "Missing event name for rule"),
+    (b'[bogus]\nevent = "x"\n', "There is no option group 'bogus'"),
+    (b'[inject-error]\nevent = read_aio\n', "invalid parameter value: "),
+    (b'[inject-error]\nevent="read_aio"\n', "Invalid parameter 'event=\"read_aio\"'"),
+    (b'[inject-error]\nerrno = "5"\n', "Missing event name for rule"),
+    (b'[inject-error]\nevent = "read_aio"\nerrno = "x"\n', "Parameter 'errno' expects a number"),
+    (b'[inject-error]\nevent = "read_aio"\nonce = "maybe"\n', "Parameter 'once' expects 'on' or 'off'"),
+    (b'[inject-error]\nevent = "read_aio"\niotype = "bogus"\n', "invalid parameter value: bogus"),
+    (b'[set-state]\nevent = "read_aio"\n', None),
+])
+def test_config_errors(text: bytes, error: str | None) -> None:
+    if error is None:
+        build_rules(text, [], [])
+        return
+    with pytest.raises(GenericError) as err:
+        build_rules(text, [], [])
+    assert err.value.desc == error
+
+
+def test_parse_number_is_c_like() -> None:
+    assert parse_number("n", "0x10") == 16
+    assert parse_number("n", "010") == 8
+    assert parse_number("n", " 7") == 7
+    assert parse_number("n", "-1") == (1 << 64) - 1
+    for bad in ("", "x", "1x", "0x", "1.5"):
+        with pytest.raises(GenericError):
+            parse_number("n", bad)
+
+
+_names = st.sampled_from(sorted(GROUPS))
+_keys = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='="'),
+                min_size=1, max_size=20).filter(lambda key: key[0] not in "#[")
+_values = st.text(st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters='"'),
+                  min_size=1, max_size=40)
+
+
+@given(st.lists(st.tuples(_names, st.dictionaries(_keys, _values, max_size=5)), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_well_formed_configs_round_trip(groups: list[tuple[str, dict[str, str]]]) -> None:
+    text = b"".join(f"[{name}]\n".encode() + b"".join(f'{k} = "{v}"\n'.encode() for k, v in values.items())
+                    for name, values in groups)
+    parsed = parse_config(text)
+    assert [(g.name, g.values) for g in parsed] == groups
+
+
+@given(st.binary(max_size=4096))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_parse_or_fail_cleanly(data: bytes) -> None:
+    try:
+        rules = build_rules(data, [], [])
+    except GenericError as err:
+        assert err.desc
+    else:
+        assert len(rules) <= data.count(b"[")
+
+
+@given(st.binary(min_size=2000, max_size=8000))
+@settings(max_examples=30, deadline=None)
+def test_long_lines_are_bounded(data: bytes) -> None:
+    """Lines longer than QEMU's 1023-byte buffer are read in pieces."""
+    try:
+        groups = parse_config(b"[inject-error]\n" + data.replace(b"\n", b"x"))
+    except GenericError:
+        return
+    for group in groups:
+        assert all(len(k) <= 63 and len(v) <= 1023 for k, v in group.values.items())
+
+
+# ---------------------------------------------------------------------------
+# rules
+
+
+class _Node(BlkdebugNode):
+    """A blkdebug node's rule logic without a graph."""
+
+    def __init__(self, rules: list[Any]) -> None:  # noqa: D107 -- no graph needed
+        self.rules = rules
+        self.state = 1
+        self.active = []
+
+
+def _fails(node: _Node, offset: int = 0, length: int = 512, iotype: str = "read") -> int:
+    try:
+        asyncio.run(node._check(offset, length, iotype))
+    except OSError as err:
+        return err.errno
+    return 0
+
+
+def test_rules_arm_on_events_and_respect_states() -> None:
+    rules = build_rules(b'[inject-error]\nevent = "read_aio"\nstate = "2"\nerrno = "28"\nonce = "on"\n'
+                        b'[set-state]\nevent = "write_aio"\nstate = "1"\nnew_state = "2"\n',
+                        [{"event": "flush_to_disk", "iotype": "flush", "errno": 5}], [])
+    node = _Node(rules)
+    node.debug_event("read_aio")           # state 1: the rule waits for state 2
+    assert _fails(node) == 0
+    node.debug_event("write_aio")
+    assert node.state == 2
+    node.debug_event("read_aio")
+    assert _fails(node, iotype="write") == errno.ENOSPC
+    assert _fails(node) == 0                # once: gone
+    node.debug_event("flush_to_disk")
+    assert _fails(node) == 0                # only flushes
+    assert _fails(node, 0, 0, "flush") == errno.EIO
+    assert _fails(node, 0, 0, "flush") == errno.EIO
+
+
+def test_sector_restricts_the_range() -> None:
+    node = _Node(build_rules(None, [{"event": "read_aio", "sector": 8}], []))
+    node.debug_event("read_aio")
+    assert _fails(node, 0, 4096) == 0
+    assert _fails(node, 4096, 512) == errno.EIO
+    assert _fails(node, 0, 0, "flush") == 0
+
+
+# ---------------------------------------------------------------------------
+# against QSD
+
+BAD_CONFIGS = {
+    "bad1.cfg": b'[inject-error]\nevent = read_aio\n',
+    "bad2.cfg": b'[bogus]\nevent = "read_aio"\n',
+    "bad3.cfg": b'event = "read_aio"\n',
+    "bad4.cfg": b'[inject-error]\nevent = "nosuch"\n',
+    "bad5.cfg": b'[inject-error]\nbogus = "1"\n',
+    "bad6.cfg": b'[inject-error]\nerrno = "5"\n',
+    "bad7.cfg": b'[inject-error]\nevent = "read_aio"\nerrno = "x"\n',
+    "bad8.cfg": b'[inject-error]\nevent = "read_aio"\n   \n',
+    "bad9.cfg": b'[inject-error]\nevent = "read_aio"\niotype = "bogus"\n',
+    "bad10.cfg": b'[inject-error]\nevent="read_aio"\n',
+    "bad11.cfg": b'[inject-error]\ngarbage\n[set-state]\n\n',
+    "bad12.cfg": b'[inject-error]\nevent = "read_aio"\nonce = "maybe"\n',
+    "bad13.cfg": b'[inject-error]\nbogus = "1"\n[set-state]\n \n',
+    "bad14.cfg": b'[set-state "x"]\nevent = "read_aio"\nnew_state = "0x10"\n',
+    "bad15.cfg": b'[inject-error]\nevent = "read_aio"\nerrno = "99999999999999999999"\n',
+    "good.cfg": b'[inject-error]\nevent = "read_aio"\nerrno = "5"\n',
+}
+
+
+def _session(daemon: Any) -> list[dict[str, Any]]:
+    q = daemon.qmp()
+    image = {"driver": "file", "filename": "disk.img", "locking": "off"}
+    replies = []
+    for i, name in enumerate(["nosuch.cfg", *BAD_CONFIGS]):
+        replies.append(q.execute("blockdev-add", {"driver": "blkdebug", "node-name": f"b{i}",
+                                                  "config": name, "image": image}))
+    for i, extra in enumerate([{"align": 3}, {"align": 4096}, {"align": 1 << 31}, {"align": -1},
+                               {"align": 4096, "max-transfer": 512}, {"opt-write-zero": 3},
+                               {"opt-write-zero": 1024, "max-write-zero": 512}, {"opt-discard": 3},
+                               {"max-discard": 3}, {"max-transfer": -3},
+                               {"inject-error": [{"event": "read_aio", "sector": 3, "once": True}],
+                                "set-state": [{"event": "write_aio", "new_state": 2}]},
+                               {"take-child-perms": ["resize"], "unshare-child-perms": ["write"]}]):
+        replies.append(q.execute("blockdev-add", {"driver": "blkdebug", "node-name": f"o{i}",
+                                                  "image": image, **extra}))
+    daemon.stop()
+    return replies
+
+
+def test_config_and_option_errors_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    (workdir / "disk.img").write_bytes(bytes(1 << 20))
+    for name, data in BAD_CONFIGS.items():
+        (workdir / name).write_bytes(data)
+    theirs = _session(qemu_sd())
+    ours = _session(qsd())
+    assert ours == theirs
+
+
+NBD_CONFIG = (b'[inject-error]\nevent = "read_aio"\nerrno = "5"\nonce = "on"\n\n'
+              b'[inject-error]\nevent = "write_aio"\nerrno = "28"\nsector = "1"\n\n'
+              b'[set-state]\nevent = "write_aio"\nnew_state = "2"\n')
+
+
+def _qemu_io_through_export(daemon_factory: Any, workdir: Path, tag: str) -> list[tuple[int, str]]:
+    sock = workdir / f"{tag}-nbd.sock"
+    daemon = daemon_factory(
+        "--blockdev", "driver=file,node-name=f0,filename=disk.img,locking=off",
+        "--blockdev", "driver=blkdebug,node-name=b0,config=nbd.cfg,image=f0",
+        "--blockdev", "driver=raw,node-name=r0,file=b0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=r0,writable=on", qmp=False, wait_for=[sock])
+    out = []
+    uri = f"nbd+unix:///r0?socket={sock}"
+    for cmd in ("read 0 512", "read 0 512", "write 0 512", "write 512 512", "write 4096 512"):
+        res = subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, uri], capture_output=True, text=True,
+                             timeout=60)
+        # The first line says what happened; the second carries timings.
+        out.append((res.returncode, res.stdout.splitlines()[0] if res.stdout else res.stderr))
+    daemon.stop()
+    return out
+
+
+def test_injected_errors_reach_nbd_clients(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    (workdir / "disk.img").write_bytes(bytes(1 << 20))
+    (workdir / "nbd.cfg").write_bytes(NBD_CONFIG)
+    theirs = _qemu_io_through_export(qemu_sd, workdir, "q")
+    time.sleep(0)
+    ours = _qemu_io_through_export(qsd, workdir, "o")
+    assert ours == theirs
+    assert theirs[0] == (1, "read failed: Input/output error")
+    assert theirs[3] == (1, "write failed: No space left on device")
