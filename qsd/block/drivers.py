@@ -11,6 +11,7 @@ DRIVER_MODULES = (
     "qsd.block.formats.raw",
     "qsd.block.formats.qcow2",
     "qsd.block.formats.luks",
+    "qsd.block.filters.copy_before_write",
     "qsd.block.filters.throttle",
     "qsd.block.filters.copy_on_read",
     "qsd.block.filters.blkdebug",

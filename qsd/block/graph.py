@@ -407,8 +407,9 @@ class Graph:
             raise GenericError(f"Failed to find node with node-name='{name}'")
         roots = [e for e in node.parents if e.parent is None]
         if roots:
+            # QEMU checks for a BlockBackend (an export) before op blockers (jobs).
             blocked = [e for e in roots if e.blocker]
-            if blocked:
+            if blocked and len(blocked) == len(roots):
                 raise GenericError(f"Node '{name}' is busy: {blocked[0].blocker}")
             raise GenericError(f"Node {name} is in use")
         for edge in node.parents:

@@ -19,7 +19,7 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
 # Definition order matters: it is the order of commands and events in
 # query-qmp-schema (and, reversed, of query-commands), as in QEMU where the
 # block modules come first and QOM last.
-TOPICS = ("sockets", "crypto", "block-core", "jobs", "block-export", "control", "objects")
+TOPICS = ("sockets", "crypto", "block-core", "jobs", "block-export", "control", "objects", "transaction")
 
 EMPTY_OBJECT = "q_empty"
 
