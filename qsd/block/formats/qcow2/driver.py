@@ -139,6 +139,22 @@ class Qcow2Node(ClusterMap, Node):
     async def write_header(self) -> None:
         await self.file_node.write(0, self.header.pack())
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name (and format) in the header, as
+        block-stream, block-commit and change-backing-file do."""
+        if name and len(name.encode()) > 1023:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        h = self.header
+        old = (h.backing_file, h.backing_fmt)
+        h.backing_file, h.backing_fmt = name or None, (fmt or None) if name else None
+        try:
+            packed = h.pack()
+        except GenericError:
+            h.backing_file, h.backing_fmt = old
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL)) from None
+        await self.file_node.write(0, packed)
+        await self.file_node.flush()
+
     async def write_back_metadata(self) -> None:
         """L2 tables (after the refcounts they depend on) to the disk."""
         await self.l2_cache.flush()
@@ -489,10 +505,52 @@ class Qcow2Node(ClusterMap, Node):
         data = memoryview(data).cast("B")
         async with self._lock:
             await self._before_write()
-            await self._write_locked(offset, data)
+            host = self._overwrite_host(offset, len(data))
+            if host is not None:
+                await self.data_node.write(host, data)
+            else:
+                await self._write_locked(offset, data)
             self._compressed_cache = None
         if fua:
             await self.flush()
+
+    def _overwrite_host(self, offset: int, length: int) -> int | None:
+        """Host offset when [offset, offset+length) lies in clusters owned by
+        the active L1 alone (QCOW_OFLAG_COPIED), contiguous on the host and
+        mapped by a cached L2 table: the common overwrite, which needs no
+        metadata change at all. None sends the write down the full path."""
+        if self.crypto is not None or not length:
+            return None
+        cbits = self.cbits
+        first, last = offset >> cbits, (offset + length - 1) >> cbits
+        l1_index, idx = divmod(first, self.l2_entries)
+        if l1_index >= len(self.l1) or last // self.l2_entries != l1_index:
+            return None
+        l1e = self.l1[l1_index]
+        table = self.l2_cache.peek(l1e & L1E_OFFSET_MASK) if l1e & OFLAG_COPIED else None
+        if table is None:
+            return None
+        start = -1
+        for i in range(last - first + 1):
+            entry, bitmap = self.entry_pair(table, idx + i)
+            host = entry & L2E_OFFSET_MASK
+            if (entry & (OFLAG_COPIED | OFLAG_COMPRESSED)) != OFLAG_COPIED or host % self.cs:
+                return None
+            if self.ext_l2:
+                if bitmap != BITMAP_ALL_ALLOC:
+                    return None
+            elif entry & OFLAG_ZERO:
+                return None
+            if not host and not self.has_data_file:
+                return None
+            if i == 0:
+                start = host
+            elif host != start + (i << cbits):
+                return None
+        host = start + (offset & (self.cs - 1))
+        if not self.has_data_file:
+            self.check_overlap(host, length, None)
+        return host
 
     def _span_end(self, pos: int, end: int) -> int:
         """End of the part of [pos, end) covered by one L2 table."""
@@ -522,8 +580,12 @@ class Qcow2Node(ClusterMap, Node):
         l1_index, idx0 = divmod(first, self.l2_entries)
         l2_off = self._l2_offset(l1_index)
         table = await self.l2_cache.get(l2_off) if l2_off else None
-        plans: list[list[int]] = []  # [cluster, entry, bitmap, inplace, pad_s, pad_e, host]
+        # [cluster, entry, bitmap, inplace, pad_s, pad_e, host, zero_src, known_zero]:
+        # zero_src: the padding reads as zeroes; known_zero: so does the new host cluster.
+        plans: list[list[int]] = []
         fresh = 0
+        backing = self.backing_node
+        zero_below = 0 if self.crypto is not None else -1  # ciphertext of zeroes is not zero
         for i, c in enumerate(range(first, last + 1)):
             entry, bitmap = self.entry_pair(table, idx0 + i) if table is not None else (0, 0)
             c_start = c << cbits
@@ -544,20 +606,25 @@ class Qcow2Node(ClusterMap, Node):
             if self.crypto is not None:  # the cipher works on whole sectors
                 pad_s -= pad_s % SECTOR_SIZE
                 pad_e += -pad_e % SECTOR_SIZE
+            zero_src = 0
             if not inplace:
                 fresh += 1
+                no_backing = backing is None or c_start >= backing.size
+                if zero_below and not entry & (OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                    zero_src = int(no_backing or (not self.ext_l2 and bool(entry & OFLAG_ZERO)))
             host = entry & L2E_OFFSET_MASK if inplace else -1
-            plans.append([c, entry, bitmap, int(inplace), pad_s, pad_e, host])
+            plans.append([c, entry, bitmap, int(inplace), pad_s, pad_e, host, zero_src, 0])
         if fresh:
             if self.has_data_file:
                 for p in plans:
                     if not p[3]:
                         p[6] = p[0] << cbits
             else:
-                base = await self.refcounts.alloc(fresh)
+                base, zero_from = await self.refcounts.alloc_data(fresh)
                 for p in plans:
                     if not p[3]:
                         p[6] = base
+                        p[8] = int(p[7] and base >= zero_from)
                         base += cs
         # Segments: runs of clusters contiguous in guest and host, padded at the ends only.
         seg_start = 0
@@ -568,7 +635,7 @@ class Qcow2Node(ClusterMap, Node):
                     continue
             await self._write_segment(plans[seg_start:i], pos, data)
             seg_start = i
-        for c, entry, bitmap, inplace, pad_s, pad_e, host in plans:
+        for c, entry, bitmap, inplace, pad_s, pad_e, host, _zs, _kz in plans:
             c_start = c << cbits
             if self.ext_l2:
                 if not inplace and entry & (OFLAG_COMPRESSED | L2E_OFFSET_MASK):
@@ -602,11 +669,19 @@ class Qcow2Node(ClusterMap, Node):
         body = data[d_start - pos:d_end - pos]
         if not self.has_data_file:
             self.check_overlap(host, g_end - g_start, None)
+        # Padding of a new cluster that must read as zeroes where the file
+        # already does (never written, past the old end) is not written, as
+        # QEMU skips the copy-on-write of zeroes there.
+        if head and plans[0][8]:
+            host += head
+            g_start, head = d_start, 0
+        if tail and plans[-1][8]:
+            g_end, tail = d_end, 0
         if head or tail:
             buf = bytearray(g_end - g_start)
-            if head:
+            if head and not plans[0][7]:
                 await self.read_into(g_start, memoryview(buf)[:head])
-            if tail:
+            if tail and not plans[-1][7]:
                 await self.read_into(d_end, memoryview(buf)[len(buf) - tail:])
             buf[head:head + len(body)] = body
             out: bytes | bytearray | memoryview = buf

@@ -52,6 +52,10 @@ class Refcounts:
         self.pending_frees: list[tuple[int, int]] = []
         #: Runs handed out by find_free whose refcounts are not set yet.
         self.reserved: list[tuple[int, int]] = []
+        #: Clusters from this index on were never handed out since open and
+        #: lay past the end of the file then: they still read as zeroes, so
+        #: a new data cluster there needs no zero padding written.
+        self.zero_from = -(-img.file_end() // self.cs)
 
     async def load(self) -> None:
         h = self.img.header
@@ -123,12 +127,18 @@ class Refcounts:
 
     async def alloc(self, count: int) -> int:
         """Allocate ``count`` contiguous clusters; returns the host offset."""
+        return (await self.alloc_data(count))[0]
+
+    async def alloc_data(self, count: int) -> tuple[int, int]:
+        """Allocate like :meth:`alloc`; also returns the host offset from
+        which the run is known to read as zeroes (never written before)."""
+        old_zero_from = self.zero_from
         start = await self.find_free(count)
         try:
             await self.update(start << self.cbits, count, 1)
         finally:
             self.reserved.remove((start, start + count))
-        return start << self.cbits
+        return start << self.cbits, max(start, old_zero_from) << self.cbits
 
     def free(self, offset: int, count: int) -> None:
         """Queue a decrement, applied once the dropping metadata is on disk."""
@@ -152,25 +162,28 @@ class Refcounts:
         return None
 
     async def _conflict(self, c: int, count: int) -> int | None:
-        """The first cluster of [c, c+count) that is used or reserved."""
+        """The first cluster of [c, c+count) that is used or reserved, where
+        ``c`` itself is known to have refcount 0."""
         for x in range(c, c + count):
-            if self._reserved_end(x) is not None or await self.get(x):
+            if (self.reserved and self._reserved_end(x) is not None) or (
+                    x > c and await self.get(x)):
                 return x
         return None
 
     async def find_free(self, count: int) -> int:
         """Index of the first run of ``count`` free clusters, reserved until
         the caller releases it (its refcount is still 0 meanwhile)."""
-        c = self.free_hint
+        # Nothing below the first free cluster is free: the hint moves there.
+        c = self.free_hint = await self._next_free(self.free_hint)
         while True:
-            c = await self._next_free(c)
             bad = await self._conflict(c, count)
             if bad is None:
                 break
-            c = bad + 1
+            c = await self._next_free(bad + 1)
         if c == self.free_hint:
             self.free_hint = c + count
         self.reserved.append((c, c + count))
+        self.zero_from = max(self.zero_from, c + count)
         return c
 
     async def _next_free(self, c: int) -> int:
@@ -266,6 +279,7 @@ class Refcounts:
             self.free_hint = max(self.free_hint, end)  # try further on
         entries = t_clusters * cs // 8
         self.free_hint = max(self.free_hint, end)
+        self.zero_from = max(self.zero_from, end)
         new_table = self.table + [0] * (entries - len(self.table))
         fresh: dict[int, bytearray] = {}
         for k, b in enumerate(blocks):
