@@ -237,6 +237,38 @@ class Graph:
         if not child.parents and not child.monitor_owned:
             await self.close_node(child)
 
+    async def set_backing(self, parent: Node, child: Node | None) -> None:
+        """QEMU's bdrv_set_backing_hd: point ``parent``'s backing edge at
+        ``child`` (None drops it), permission-checked first; a former
+        backing node left unused is closed. Call it inside a drained section."""
+        edge = parent.children.get("backing")
+        if child is None:
+            if edge is not None:
+                await self.detach(edge)
+            return
+        if edge is None:
+            await self.attach(parent, "backing", child, Role.COW)
+            return
+        old = edge.child
+        if old is child:
+            return
+        old.parents.remove(edge)
+        edge.child = child
+        child.parents.append(edge)
+        try:
+            plan = _Plan()
+            self._propagate([child, old], plan)
+        except BaseException:
+            child.parents.remove(edge)
+            edge.child = old
+            old.parents.append(edge)
+            raise
+        self._commit(plan)
+        for node in (old, child):
+            node.set_perm(*self.cumulative(node))
+        if not old.parents and not old.monitor_owned:
+            await self.close_node(old)
+
     def replace_node(self, old: Node, new: Node, exclude: Iterable[Edge] = ()) -> None:
         """QEMU's bdrv_replace_node: every user of ``old`` (but ``exclude`` and
         edges from ``new`` itself) becomes a user of ``new``, keeping its edge

@@ -203,6 +203,11 @@ class Node:
         if Role.COW in edge.role:
             p = Perm.CONSISTENT_READ
             s = Perm.all() & ~(Perm.WRITE | Perm.RESIZE) | Perm.WRITE_UNCHANGED
+            if shared & Perm.WRITE:
+                # QEMU: a parent that copes with changing data (nothing above
+                # it forbids writes) lets the backing file change too: what
+                # lets a commit job write the base under unused overlays.
+                s |= Perm.WRITE | Perm.RESIZE
         if self.force_share:
             s = Perm.all()
         return p, s
