@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.graph import Edge
 from qsd.block.node import Perm
 from qsd.export.nbd.server import NBDExportConfig, NBDServer
+from qsd.export.vhost_user_blk import start_vhost_user_blk
 from qsd.qmp.errors import GenericError
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ class Export:
     edge: Edge
     name: str
     shutting_down: bool = False
+    #: Type-specific teardown (export types without a shared server).
+    stop: Callable[[], Awaitable[None]] | None = None
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "node-name": self.node_name,
@@ -87,7 +91,11 @@ class ExportManager:
         if writable and node.read_only:
             raise GenericError("Cannot export read-only node as writable")
         if args.get("iothread") is not None and args["iothread"] not in self.daemon.objects.objects:
-            raise GenericError(f"IOThread '{args['iothread']}' not found")
+            raise GenericError(f"iothread \"{args['iothread']}\" not found")
+        if args["type"] == "vhost-user-blk":
+            edge, server = await start_vhost_user_blk(self.daemon, args, node)
+            self.exports[eid] = Export(eid, args["type"], node_name, edge, eid, stop=server.stop)
+            return
         if self.nbd is None:
             raise GenericError("NBD server not running")
         name = args.get("name", node_name)
@@ -125,6 +133,8 @@ class ExportManager:
 
     async def _remove(self, export: Export) -> None:
         export.shutting_down = True
+        if export.stop is not None:
+            await export.stop()
         if self.nbd is not None and export.type == "nbd":
             await self.nbd.remove_export(export.name)
         del self.exports[export.id]
