@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""block-stream and block-commit, differential against qemu-storage-daemon 7.2
+(transcript e's shapes): replies and events equal, images equal to QSD's,
+and the rewritten backing file names in the qcow2 headers as QEMU writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_mirror import Sh, Wait, cmd, pytestmark, run_both  # noqa: F401
+
+CHAIN3 = ("qemu-img create -q -f qcow2 base.qcow2 64M"
+          " && qemu-io -c 'write -P 0x11 0 4M' -c 'write -P 0x15 30M 2M' base.qcow2"
+          " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2"
+          " && qemu-io -c 'write -P 0x22 4M 4M' -c 'write -z 30M 1M' mid.qcow2"
+          " && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2"
+          " && qemu-io -c 'write -P 0x33 8M 4M' -c 'write -P 0x34 3M 2M' top.qcow2")
+
+
+def _chain() -> list:
+    steps = []
+    for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+        steps.append(cmd("blockdev-add", driver="file", node_name=f"{name}-file",
+                         filename=f"{name}.qcow2"))
+        steps.append(cmd("blockdev-add", driver="qcow2", node_name=name, file=f"{name}-file",
+                         backing=backing))
+    return steps
+
+
+def _delete(*names: str) -> list:
+    return [cmd("blockdev-del", node_name=n) for n in names]
+
+
+INFO = "qemu-img info -U top.qcow2 | grep -E '^(image|backing file)'"
+
+
+def test_stream_intermediate_then_full(tmp_path: Path) -> None:
+    steps = _chain() + [
+        cmd("block-stream", job_id="s0", device="top", base_node="base"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        Sh(INFO),
+        *_delete("mid", "mid-file"),
+        cmd("block-stream", job_id="s1", device="top", auto_finalize=False, speed=1 << 30),
+        Wait("BLOCK_JOB_PENDING"),
+        cmd("job-finalize", id="s1"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        Sh(INFO),
+        cmd("block-stream", job_id="e", device="top", base_node="top"),
+        cmd("block-stream", job_id="e", device="top", base_node="base", base="base.qcow2"),
+        cmd("block-stream", job_id="e", device="top", bottom="base", base="base.qcow2"),
+        cmd("block-stream", job_id="e", device="nope"),
+        cmd("block-stream", device="top"),
+        *_delete("top", "top-file", "base", "base-file"),
+        Sh("qemu-io -r -c 'read -P 0x11 0 3M' -c 'read -P 0x34 3M 2M' -c 'read -P 0x22 5M 3M'"
+           " -c 'read -P 0x33 8M 4M' -c 'read -P 0 30M 1M' -c 'read -P 0x15 31M 1M' top.qcow2"
+           " | grep -v ops"),
+    ]
+    run_both(tmp_path, CHAIN3, steps, images=("top.qcow2",))
+
+
+def test_stream_with_backing_file_name(tmp_path: Path) -> None:
+    steps = _chain() + [
+        cmd("block-stream", job_id="s0", device="top", base_node="base",
+            backing_file="renamed-base.qcow2"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        Sh(INFO),
+        cmd("block-stream", job_id="s1", device="top", bottom="mid"),
+        *_delete("top", "top-file"),
+    ]
+    run_both(tmp_path, CHAIN3, steps)
+
+
+def test_commit_intermediate_then_active(tmp_path: Path) -> None:
+    steps = _chain() + [
+        cmd("block-commit", job_id="c0", device="top", top_node="mid", base_node="base"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        Sh(INFO),
+        *_delete("mid", "mid-file"),
+        cmd("block-commit", job_id="c1", device="top", base_node="base"),
+        Wait("BLOCK_JOB_READY"),
+        cmd("query-block-jobs"),
+        cmd("job-complete", id="c1"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        cmd("block-commit", job_id="e", device="top", top_node="base", base_node="base"),
+        cmd("block-commit", job_id="e", device="top", base_node="top-file"),
+        cmd("block-commit", device="top", base_node="base"),
+        cmd("block-commit", job_id="e", device="nope"),
+        cmd("block-commit", job_id="e", device="top-file"),
+        cmd("block-commit", job_id="e", device="base"),
+        *_delete("top", "top-file", "base", "base-file"),
+        Sh("qemu-io -r -c 'read -P 0x11 0 3M' -c 'read -P 0x34 3M 2M' -c 'read -P 0x22 5M 3M'"
+           " -c 'read -P 0x33 8M 4M' -c 'read -P 0 30M 1M' -c 'read -P 0x15 31M 1M' base.qcow2"
+           " | grep -v ops"),
+    ]
+    run_both(tmp_path, CHAIN3, steps, images=("base.qcow2", "top.qcow2"))
+
+
+def test_active_commit_soft_cancel_and_backing_file_error(tmp_path: Path) -> None:
+    steps = _chain() + [
+        cmd("block-commit", job_id="c", device="top", base_node="mid",
+            backing_file="x.qcow2"),
+        cmd("block-commit", job_id="c", device="top", base_node="mid",
+            filter_node_name="ctop"),
+        Wait("BLOCK_JOB_READY"),
+        cmd("blockdev-del", node_name="top"),
+        cmd("block-job-cancel", device="c"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        *_delete("top", "top-file", "mid", "mid-file", "base", "base-file"),
+    ]
+    run_both(tmp_path, CHAIN3, steps, images=("mid.qcow2", "top.qcow2"))
