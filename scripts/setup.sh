@@ -18,6 +18,7 @@ cd "$here"
 #  - libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, nbdkit, socat: NBD/QMP peers;
 #  - fio (its "nbd" ioengine is built in Debian's fio 3.33): the load generator of bench/;
 #  - cryptsetup-bin: cryptsetup luksDump, an oracle for the LUKS headers qsd writes.
+#  - fuse3: fusermount3 (FUSE exports mounted by a non-root daemon) and /etc/fuse.conf.
 APT_PACKAGES=(
     qemu-utils
     qemu-system-common
@@ -28,6 +29,7 @@ APT_PACKAGES=(
     socat
     fio
     cryptsetup-bin
+    fuse3
 )
 
 PYTHON=${PYTHON:-python3}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd.block.graph import Edge
 from qsd.block.node import Perm
+from qsd.export.fuse import start_fuse
 from qsd.export.nbd.server import NBDExportConfig, NBDServer
 from qsd.export.vhost_user_blk import start_vhost_user_blk
 from qsd.qmp.errors import GenericError
@@ -96,6 +97,10 @@ class ExportManager:
             edge, server = await start_vhost_user_blk(self.daemon, args, node)
             self.exports[eid] = Export(eid, args["type"], node_name, edge, eid, stop=server.stop)
             return
+        if args["type"] == "fuse":
+            edge, fuse = await start_fuse(self.daemon, args, node)
+            self.exports[eid] = Export(eid, "fuse", node_name, edge, eid, stop=fuse.close)
+            return
         if self.nbd is None:
             raise GenericError("NBD server not running")
         name = args.get("name", node_name)
@@ -127,7 +132,8 @@ class ExportManager:
         export = self.exports.get(eid)
         if export is None:
             raise GenericError(f"Export '{eid}' is not found")
-        if mode == "safe" and self.nbd is not None and self.nbd.clients(export.name):
+        if (mode == "safe" and export.type == "nbd" and self.nbd is not None
+                and self.nbd.clients(export.name)):
             raise GenericError(f"export '{eid}' still in use")
         await self._remove(export)
 
