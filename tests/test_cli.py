@@ -359,6 +359,23 @@ def _rows() -> list[Row]:
         r("object-json-ok", ["--object", '{"qom-type": "secret", "id": "s0", "data": "x"}'], running=True),
         r("object-throttle-group", ["--object", "throttle-group,id=tg0,x-iops-total=100"], running=True,
           needs="object:throttle-group"),
+        r("object-throttle-group-limits", ["--object", "throttle-group,id=tg0,limits.bps-read=4096,"
+                                                       "limits.bps-read-max=8192,limits.bps-read-max-length=3"],
+          running=True, needs="object:throttle-group"),
+        r("object-throttle-group-max-low", ["--object", ("throttle-group,id=tg0,limits.iops-total=5,"
+                                                         "limits.iops-total-max=3")], needs="object:throttle-group"),
+        r("object-throttle-group-not-int", ["--object", "throttle-group,id=tg0,x-iops-total=abc"],
+          needs="object:throttle-group"),
+        r("object-throttle-group-range", ["--object", "throttle-group,id=tg0,limits.bps-total=-1"],
+          needs="object:throttle-group"),
+        r("blockdev-throttle-no-group", ["--blockdev", ("driver=throttle,node-name=t0,throttle-group=tg0,"
+                                                        "file.driver=null-co")], needs="driver:throttle"),
+        r("blockdev-throttle-group-order", ["--object", "throttle-group,id=tg0,x-iops-total=100",
+                                            "--blockdev", ("driver=throttle,node-name=t0,throttle-group=tg0,"
+                                                           "file.driver=null-co")],
+          running=True, needs="driver:throttle"),
+        r("blockdev-blkdebug-no-config", ["--blockdev", ("driver=blkdebug,node-name=b0,config=nosuch.cfg,"
+                                                         "image.driver=null-co")], needs="driver:blkdebug"),
         r("luks-secret-order", ["--blockdev", ("driver=luks,node-name=l,key-secret=sec,file.driver=file,"
                                                "file.filename=disk.img"), "--object", "secret,id=sec,data=pw"],
           needs="driver:luks"),

@@ -5,8 +5,8 @@ into the top image, so later reads find it there.
 The copy is done in whole clusters of the top node (as QEMU rounds copy-on-read
 to clusters); an all-zero cluster is copied as a zero write. With ``bottom``
 only data that comes from the chain down to (and including) that node is
-copied; without it everything not allocated in the top node is, zeroes of an
-unallocated chain included. Writes through the filter wait for copies of
+copied; without it all data the backing chain holds is. Ranges allocated
+nowhere in the chain are not copied (as QEMU). Writes through the filter wait for copies of
 the ranges they overlap, so a copy never puts old data over a new write.
 """
 
@@ -61,11 +61,9 @@ class CopyOnReadNode(FilterNode):
 
     def _wanted(self, depth: int, bottom: int | None) -> bool:
         """Whether data found at ``depth`` (block status) is copied up."""
-        if depth == 1:
-            return False
-        if bottom is None:
-            return True
-        return 2 <= depth <= bottom
+        if depth < 2:
+            return False        # in the top node already, or nowhere in the chain
+        return bottom is None or depth <= bottom
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         top = self.filtered
