@@ -424,6 +424,43 @@ def test_allow_other_auto_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @needs_fuse
+def test_mount_through_fusermount3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, require_tool: Any) -> None:
+    """The path a daemon without CAP_SYS_ADMIN takes: mount(2) says EPERM, fusermount3 mounts and hands
+    the /dev/fuse descriptor back over a socket, and unmounts again (``-u -z``)."""
+    require_tool("fusermount3")
+
+    def refused(fd: int, mountpoint: str, options: str) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fuse, "_sys_mount", refused)
+    monkeypatch.setattr(fuse.os, "geteuid", lambda: 1000)
+    mnt = str(tmp_path / "mnt.raw")
+
+    async def main() -> None:
+        d = _daemon_with_raw(tmp_path / "img.raw")
+        await d.execute("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(tmp_path / "img.raw")})
+        await d.execute("block-export-add", {"type": "fuse", "id": "e0", "node-name": "f0", "mountpoint": mnt,
+                                             "writable": True, "allow-other": "on"})
+        lines = mount_lines(Path(mnt))
+        assert len(lines) == 1 and "allow_other" in lines[0], lines
+
+        def use() -> bytes:
+            with open(mnt, "r+b", buffering=0) as f:
+                f.seek(512)
+                f.write(b"via fusermount3")
+                f.seek(512)
+                return f.read(15)
+
+        assert await asyncio.to_thread(use) == b"via fusermount3"
+        await d.execute("block-export-del", {"id": "e0"})
+        assert mount_lines(Path(mnt)) == []
+        await d.shutdown()
+
+    asyncio.run(main())
+    assert (tmp_path / "img.raw").read_bytes()[512:527] == b"via fusermount3"
+
+
+@needs_fuse
 def test_requests_wait_for_drained_sections(tmp_path: Path) -> None:
     """I/O through the mount goes through the export's edge: held while the node is drained."""
 
