@@ -151,6 +151,8 @@ class Node:
         #: Called as ``observer(node, offset, length)`` before every write,
         #: zero-write and discard (write thresholds use it).
         self.write_observers: list[Callable[["Node", int, int], None]] = []
+        #: block-set-write-threshold's offset (0: none), for query-named-block-nodes.
+        self.write_threshold = 0
         #: Write requests (and resizes) running in this node right now.
         self.in_flight = 0
         self._idle: asyncio.Event | None = None

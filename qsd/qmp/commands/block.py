@@ -90,5 +90,5 @@ def node_info(node: Node, flat: bool) -> dict[str, Any]:
     info["image"] = image_info(node, not flat)
     info["cache"] = {"writeback": True, "direct": node.cache_direct,
                      "no-flush": node.cache_no_flush}
-    info["write_threshold"] = 0
+    info["write_threshold"] = node.write_threshold
     return info

@@ -16,6 +16,7 @@ from qsd.block.node import DRIVERS, CreateContext, Node, Role
 from qsd.jobs.commit import start_commit
 from qsd.jobs.mirror import MirrorJob, chain_next, check_granularity, start_mirror
 from qsd.jobs.stream import start_stream
+from qsd.qmp.actions import Action, action
 from qsd.qmp.dispatch import command
 from qsd.qmp.errors import GenericError
 
@@ -216,3 +217,151 @@ async def block_commit(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]
     await start_commit(daemon, args)
     return {}
 
+# ----- external snapshots ----------------------------------------------------------
+def check_snapshot_source(node: Node) -> None:
+    """QEMU's external-snapshot op blockers: jobs and backing links."""
+    for edge in node.parents:
+        if edge.blocker:
+            raise GenericError(f"Node '{node.node_name}' is busy: {edge.blocker}")
+
+
+class _SnapshotBase(Action):
+    """Shared by blockdev-snapshot and -sync: put ``new`` above ``old``
+    (QEMU's bdrv_append: every user of old moves to new, then old becomes
+    new's backing file), undone by abort."""
+
+    old: Node | None = None
+    new: Node | None = None
+    appended = False
+
+    async def append(self) -> None:
+        old, new = self.old, self.new
+        assert old is not None and new is not None
+        if any(e.parent is None for e in new.parents):
+            raise GenericError("The overlay is already in use")
+        if "backing" in new.children:
+            raise GenericError("The overlay already has a backing image")
+        if not hasattr(type(new), "change_backing_file"):
+            raise GenericError("The overlay does not support backing images")
+        g = self.daemon.graph
+        async with g.drained(old):
+            g.replace_node(old, new)
+            try:
+                await g.attach(new, "backing", old, Role.COW)
+            except BaseException:
+                g.replace_node(new, old)
+                raise
+        self.appended = True
+
+    async def abort(self) -> None:
+        if not self.appended or self.old is None or self.new is None:
+            return
+        g = self.daemon.graph
+        edge = self.new.children["backing"]
+        async with g.drained(self.new):
+            g.replace_node(self.new, self.old, exclude=[edge])
+        await g.detach(edge)
+        self.appended = False
+
+
+@action("blockdev-snapshot")
+class BlockdevSnapshot(_SnapshotBase):
+    async def prepare(self) -> None:
+        g = self.daemon.graph
+        self.old = g.find(self.args["node"], None)
+        check_snapshot_source(self.old)
+        self.new = g.find(self.args["overlay"], None)
+        await self.append()
+
+
+@action("blockdev-snapshot-sync")
+class BlockdevSnapshotSync(_SnapshotBase):
+    created: Node | None = None
+
+    async def prepare(self) -> None:
+        g = self.daemon.graph
+        device, name = self.args.get("device", ""), self.args.get("node-name", "")
+        node = g.lookup(name) if name else None
+        if node is None:
+            raise GenericError(f"Cannot find device='{device}' nor node-name='{name}'")
+        self.old = node
+        check_snapshot_source(node)
+        new_name = self.args.get("snapshot-node-name")
+        if new_name is None:
+            raise GenericError("New overlay node-name missing")
+        if g.lookup(new_name) is not None:
+            raise GenericError("New overlay node-name already in use")
+        fmt = self.args.get("format", "qcow2")
+        filename = self.args["snapshot-file"]
+        if self.args.get("mode", "absolute-paths") != "existing":
+            await create_image(self.daemon, filename, fmt, node.size, node.filename, node.driver)
+        self.new = self.created = await open_image(self.daemon, filename, fmt, new_name)
+        await self.append()
+
+    async def abort(self) -> None:
+        await super().abort()
+        if self.created is not None and not self.created.parents:
+            await self.daemon.graph.close_node(self.created)
+
+    async def clean(self) -> None:
+        """An overlay nobody uses (the node had no users) goes at once, as in QSD."""
+        new = self.created
+        if new is not None and self.appended and not new.parents:
+            await self.daemon.graph.close_node(new)
+
+
+# ----- backing file names, write thresholds -------------------------------------
+@command("change-backing-file")
+async def change_backing_file(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    g = daemon.graph
+    device = root_node(daemon, args["device"])
+    image = g.find(args["image-node-name"], "")
+    backing = chain_next(image)
+    if backing is None:
+        raise GenericError("not allowing backing file change on an image without a "
+                           "backing file")
+    it: Node | None = device
+    while it is not None and it is not image:
+        it = chain_next(it)
+    if it is None:
+        raise GenericError(f"'{args['device']}' and image file are not in the same chain")
+    change = getattr(image, "change_backing_file", None)
+    if change is None:
+        raise GenericError("Could not change the backing file to "
+                           f"'{args['backing-file']}': Operation not supported")
+    try:
+        await change(args["backing-file"], backing.driver)
+    except OSError as e:
+        raise GenericError(f"Could not change the backing file to '{args['backing-file']}': "
+                           f"{os.strerror(e.errno or 5)}") from None
+    return {}
+
+
+@command("block-set-write-threshold")
+async def block_set_write_threshold(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    """One-shot: the first write that reaches past the threshold sends
+    BLOCK_WRITE_THRESHOLD (before the write runs) and disarms it."""
+    name = args["node-name"]
+    node = daemon.graph.lookup(name)
+    if node is None:
+        raise GenericError(f"Device '{name}' not found")
+    for obs in list(node.write_observers):
+        if getattr(obs, "write_threshold", False):
+            node.write_observers.remove(obs)
+    threshold = args["write-threshold"]
+    node.write_threshold = threshold
+    if not threshold:
+        return {}
+
+    def observer(n: Node, offset: int, length: int) -> None:
+        end = offset + length
+        if end > threshold and observer in n.write_observers:
+            n.write_observers.remove(observer)
+            n.write_threshold = 0
+            daemon.emit_event("BLOCK_WRITE_THRESHOLD", {
+                "node-name": n.node_name, "write-threshold": threshold,
+                "amount-exceeded": end - threshold})
+
+    observer.write_threshold = True  # type: ignore[attr-defined]
+    node.write_observers.append(observer)
+    return {}
