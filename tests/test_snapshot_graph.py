@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_mirror import Sh, add_qcow2, cmd, pytestmark, run_both  # noqa: F401
+from test_mirror import Sh, Wait, add_qcow2, cmd, pytestmark, run_both  # noqa: F401
 
 SETUP = ("qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 0x11 0 4M' base.qcow2"
          " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2"
@@ -50,3 +50,29 @@ def test_snapshot_commands_and_errors(tmp_path: Path) -> None:
         Sh("qemu-img info -U top.qcow2 | grep -E '^backing'"),
     ]
     run_both(tmp_path, SETUP, steps)
+
+
+def test_snapshot_under_export_and_write_threshold(tmp_path: Path) -> None:
+    """An exported node gets an overlay: the export now serves and writes
+    the overlay (the old node keeps its data); the threshold fires once."""
+    url = "nbd+unix:///top?socket=nbd.sock"
+    steps = [
+        add_qcow2("top", "top.qcow2"),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": "nbd.sock"}}),
+        cmd("block-export-add", type="nbd", id="e", node_name="top", writable=True),
+        cmd("blockdev-snapshot-sync", node_name="top", snapshot_file="snap.qcow2",
+            snapshot_node_name="snap"),
+        cmd("query-block-exports"),
+        cmd("block-set-write-threshold", node_name="snap", write_threshold=1 << 20),
+        Sh(f"qemu-io -f raw -c 'write -P 0x77 0 4k' -c 'write -P 0x78 1M 64k'"
+           f" -c 'write -P 0x79 2M 64k' {url} | grep -v ops"),
+        Wait("BLOCK_WRITE_THRESHOLD"),
+        Sh(f"qemu-io -f raw -r -c 'read -P 0x77 0 4k' -c 'read -P 0x11 4k 1020k' {url}"
+           " | grep -v ops"),
+        cmd("block-export-del", id="e"),
+        Wait("BLOCK_EXPORT_DELETED"),
+        cmd("blockdev-del", node_name="top"),
+        Sh("qemu-io -r -c 'read -P 0x11 0 4M' top.qcow2 | grep -v ops"),
+        Sh("qemu-img info -U snap.qcow2 | grep -E '^backing'"),
+    ]
+    run_both(tmp_path, SETUP, steps, images=("snap.qcow2", "top.qcow2"))

@@ -40,7 +40,8 @@ class Export:
     stop: Callable[[], Awaitable[None]] | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "node-name": self.node_name,
+        # The node the export serves now (a snapshot or pivot may have moved it).
+        return {"id": self.id, "type": self.type, "node-name": self.edge.child.node_name,
                 "shutting-down": self.shutting_down}
 
 
