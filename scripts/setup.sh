@@ -18,6 +18,8 @@ cd "$here"
 #  - libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, nbdkit, socat: NBD/QMP peers;
 #  - fio (its "nbd" ioengine is built in Debian's fio 3.33): the load generator of bench/;
 #  - cryptsetup-bin: cryptsetup luksDump, an oracle for the LUKS headers qsd writes.
+#  - qemu-system-x86, busybox-static: the TCG guest that boots from the vhost-user-blk export
+#    (tests/guest/mkguest.py builds its kernel + initramfs from Debian's kernel .deb, below).
 #  - fuse3: fusermount3 (FUSE exports mounted by a non-root daemon) and /etc/fuse.conf.
 APT_PACKAGES=(
     qemu-utils
@@ -29,6 +31,8 @@ APT_PACKAGES=(
     socat
     fio
     cryptsetup-bin
+    qemu-system-x86
+    busybox-static
     fuse3
 )
 
@@ -61,6 +65,11 @@ fi
 
 log "pip install -e '.[test,fast]'"
 "$PYTHON" -m pip install --disable-pip-version-check -q -e '.[test,fast]'
+
+# The vhost-user-blk tests' guest (kernel unpacked from its .deb + busybox initramfs), cached in /var/tmp.
+if [[ -z "${QSD_SETUP_SKIP_APT:-}" ]]; then
+    "$PYTHON" tests/guest/mkguest.py || log "building the test guest failed (tests/guest/mkguest.py)"
+fi
 
 # A short report, so a log shows what the tests ran against.
 for tool in qemu-storage-daemon qemu-img nbdkit nbdinfo fio; do

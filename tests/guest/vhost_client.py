@@ -90,9 +90,6 @@ class GuestMemory:
         self._next = start + length
         return GUEST_BASE + start
 
-    def reset_data(self, mark: int) -> None:
-        self._next = mark - GUEST_BASE
-
     def write(self, gpa: int, data: bytes) -> None:
         off = gpa - GUEST_BASE
         self.map[off:off + len(data)] = data

@@ -178,7 +178,9 @@ class BlkDevice:
         return int(self.edge.child.size)
 
     def range_ok(self, sector: int, length: int) -> bool:
-        if length > MAX_REQUEST_BYTES or length % self.lbs:
+        # As QSD: the start must be aligned to the logical block size, the
+        # length only to sectors.
+        if length > MAX_REQUEST_BYTES or length % SECTOR:
             return False
         offset = sector * SECTOR
         if offset % self.lbs:

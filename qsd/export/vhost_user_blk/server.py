@@ -67,10 +67,6 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _WCE_OFFSET = 32
 
 
-class _Disconnect(Exception):
-    """End the connection (EOF, or an error already logged)."""
-
-
 def _map_region(region: Region, fd: int) -> MemRegion:
     """mmap one region of the front-end's memory (shared, read-write)."""
     page = mmap.ALLOCATIONGRANULARITY

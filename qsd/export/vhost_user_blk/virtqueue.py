@@ -31,7 +31,6 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 #: An indirect table may not hold more descriptors than a ring can.
 MAX_INDIRECT = 32768
@@ -176,10 +175,6 @@ class SplitQueue:
         self._used16 = used_view.cast("H")
         self._used32 = used_view[:4 + 8 * num].cast("I")
 
-    @property
-    def ready(self) -> bool:
-        return self._desc is not None
-
     def unmap(self) -> None:
         for name in ("_d64", "_d32", "_d16", "_avail", "_used16", "_used32", "_desc"):
             view = self.__dict__.pop(name, None)
@@ -194,9 +189,6 @@ class SplitQueue:
         self._signalled_used = self.used_idx
 
     # ----- available side ----------------------------------------------------
-    def avail_idx(self) -> int:
-        return self._avail[1]
-
     def has_avail(self) -> bool:
         return self._avail[1] != self.last_avail
 
