@@ -6,6 +6,7 @@ then the images compared with qemu-img (map, check, compare, file size)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,33 @@ def test_filter_option_errors_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path)
         daemon.stop()
     assert replies["o"] == replies["q"]
 
+
+
+def _normalized(reply: dict[str, Any]) -> str:
+    """Generated node names (#blockNNN) are random in both daemons."""
+    return re.sub(r"#block[0-9]+", "#block", json.dumps(reply))
+
+
+def test_filter_node_info_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    (workdir / "d.img").write_bytes(bytes(MiB))
+    (workdir / "r.cfg").write_bytes(b'[inject-error]\nevent = "read_aio"\n')
+    image = {"driver": "file", "filename": "d.img", "locking": "off"}
+    session = [
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": image}),
+        ("blockdev-add", {"driver": "preallocate", "node-name": "p0", "prealloc-size": 1000, "file": image}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "b0", "image": image}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "b1", "config": "r.cfg", "image": image}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "b2", "align": 4096, "image": image}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "b3", "image": image,
+                          "inject-error": [{"event": "read_aio", "errno": 5, "sector": 3, "once": True}],
+                          "set-state": [{"event": "write_aio", "new_state": 2}]}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "b4", "image": "b1"}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+    replies = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        daemon = factory()
+        q = daemon.qmp()
+        replies[tag] = [_normalized(q.execute(cmd, args)) for cmd, args in session]
+        daemon.stop()
+    assert replies["o"] == replies["q"]

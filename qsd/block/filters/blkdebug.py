@@ -333,8 +333,19 @@ class BlkdebugNode(FilterNode):
         self._json = {k: options[k] for k in ("config", "align", "max-transfer", "opt-write-zero",
                                                "max-write-zero", "opt-discard", "max-discard",
                                                "inject-error", "set-state") if k in options}
-        await super().open(options)
-        self._limits(options)
+        # QEMU names this node before it opens "image" (a child not called
+        # "file" is opened by the driver), so queries list the child as newer.
+        nodes = self.graph.nodes
+        named_here = self.node_name not in nodes
+        if named_here:
+            nodes[self.node_name] = self
+        try:
+            await super().open(options)
+            self._limits(options)
+        except BaseException:
+            if named_here and nodes.get(self.node_name) is self:
+                del nodes[self.node_name]
+            raise
 
     def _limits(self, options: dict[str, Any]) -> None:
         """QEMU's checks of the overridden request limits, in its order."""
@@ -442,14 +453,18 @@ class BlkdebugNode(FilterNode):
         return None
 
     def json_options(self) -> dict[str, Any]:
-        flat: dict[str, Any] = {}
+        # QEMU copies its flattened options over in its own dict order, so
+        # build them in schema order and insert them in that order.
+        source: dict[str, Any] = {}
         for key, value in self._json.items():
             if isinstance(value, list):
                 for i, item in enumerate(value):
-                    for k, v in item.items():
-                        flat[f"{key}.{i}.{k}"] = v
+                    for k in (*GROUPS[key],):
+                        if k in item:
+                            source[f"{key}.{i}.{k}"] = item[k]
             else:
-                flat[key] = value
+                source[key] = value
+        flat = dict(qemu_items(source))
         flat["image"] = child_json(self.filtered)
         flat["driver"] = self.driver
         return dict(qemu_items(flat))

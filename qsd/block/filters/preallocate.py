@@ -41,8 +41,8 @@ class PreallocateNode(FilterNode):
     async def open(self, options: dict[str, Any]) -> None:
         self.prealloc_align: int = options.get("prealloc-align", DEFAULT_ALIGN)
         self.prealloc_size: int = options.get("prealloc-size", DEFAULT_SIZE)
-        self._json = {k: options[k] for k in ("prealloc-align", "prealloc-size") if k in options}
-        for name, _ in qemu_items(self._json):
+        given = {k: options[k] for k in ("prealloc-align", "prealloc-size") if k in options}
+        for name, _ in qemu_items(given):
             if options[name] < 0:
                 raise GenericError(f"Parameter '{name}' expects a non-negative number below 2^64")
         if self.prealloc_align % SECTOR:
@@ -152,8 +152,8 @@ class PreallocateNode(FilterNode):
         return self.filtered.reports_dirty_flag
 
     def json_options(self) -> dict[str, Any]:
-        return dict(qemu_items({**self._json, "driver": self.driver,
-                                "file": child_json(self.filtered)}))
+        """QEMU spells out none of the filter's own options."""
+        return dict(qemu_items({"driver": self.driver, "file": child_json(self.filtered)}))
 
     @property
     def filename(self) -> str:
