@@ -8,9 +8,20 @@ from typing import Any
 
 from qsd.block.throttle import LIMIT_NAMES, ThrottleConfig, ThrottleGroup
 from qsd.crypto.secret import Secret
+from qsd.crypto.tls import (
+    Authz,
+    AuthzList,
+    AuthzSimple,
+    TLSCreds,
+    TLSCredsAnon,
+    TLSCredsPSK,
+    TLSCredsX509,
+)
 from qsd.qmp.errors import DeviceNotFound, GenericError
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+#: In QSD 7.2's schema but not creatable: QOM names the type authz-list-file.
+NOT_CREATABLE = frozenset({"authz-listfile"})
 INT64_MAX = (1 << 63) - 1
 
 #: Readable properties per object type and the value QEMU shows when unset.
@@ -19,6 +30,14 @@ QOM_DEFAULTS: dict[str, dict[str, Any]] = {
                "iv": ""},
     "iothread": {"poll-max-ns": 32768, "poll-grow": 0, "poll-shrink": 0,
                  "aio-max-batch": 0, "thread-pool-min": 0, "thread-pool-max": 64},
+    "tls-creds-anon": {"endpoint": "client", "dir": "", "verify-peer": True, "priority": "",
+                       "loaded": True},
+    "tls-creds-psk": {"endpoint": "client", "dir": "", "verify-peer": True, "priority": "",
+                      "loaded": True, "username": ""},
+    "tls-creds-x509": {"endpoint": "client", "dir": "", "verify-peer": True, "priority": "",
+                       "loaded": True, "sanity-check": True, "passwordid": ""},
+    "authz-simple": {"identity": ""},
+    "authz-list": {"policy": "deny", "rules": []},
 }
 
 
@@ -83,6 +102,18 @@ class ObjectRegistry:
         qom_type = args["qom-type"]
         if qom_type == "secret":
             obj: Any = Secret(props, self.secret)
+        elif qom_type == "tls-creds-x509":
+            obj = TLSCredsX509(props, self.secret)
+        elif qom_type == "tls-creds-psk":
+            obj = TLSCredsPSK(props)
+        elif qom_type == "tls-creds-anon":
+            obj = TLSCredsAnon(props)
+        elif qom_type == "authz-simple":
+            obj = AuthzSimple(props)
+        elif qom_type == "authz-list":
+            obj = AuthzList(props)
+        elif qom_type in NOT_CREATABLE:
+            raise GenericError(f"invalid object type: {qom_type}")
         elif qom_type == "throttle-group":
             obj = ThrottleGroupObject(oid, props)
         else:
@@ -115,6 +146,14 @@ class ObjectRegistry:
     def secret(self, oid: str) -> Secret | None:
         obj = self.objects.get(oid)
         return obj if isinstance(obj, Secret) else None
+
+    def tls_creds(self, oid: str) -> TLSCreds | None:
+        obj = self.objects.get(oid)
+        return obj if isinstance(obj, TLSCreds) else None
+
+    def authz(self, oid: str) -> Authz | None:
+        obj = self.objects.get(oid)
+        return obj if isinstance(obj, Authz) else None
 
     def throttle_group(self, name: str) -> ThrottleGroup | None:
         obj = self.objects.get(name)

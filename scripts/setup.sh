@@ -18,6 +18,8 @@ cd "$here"
 #  - libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd, nbdkit, socat: NBD/QMP peers;
 #  - fio (its "nbd" ioengine is built in Debian's fio 3.33): the load generator of bench/;
 #  - cryptsetup-bin: cryptsetup luksDump, an oracle for the LUKS headers qsd writes.
+#  - gnutls-bin (certtool, psktool): certificates and PSK files for the NBD TLS tests;
+#    libssl-dev: headers the sslpsk3 wheel builds against (TLS-PSK for Python < 3.13).
 #  - qemu-system-x86, busybox-static: the TCG guest that boots from the vhost-user-blk export
 #    (tests/guest/mkguest.py builds its kernel + initramfs from Debian's kernel .deb, below).
 #  - fuse3: fusermount3 (FUSE exports mounted by a non-root daemon) and /etc/fuse.conf.
@@ -31,6 +33,8 @@ APT_PACKAGES=(
     socat
     fio
     cryptsetup-bin
+    gnutls-bin
+    libssl-dev
     qemu-system-x86
     busybox-static
     fuse3

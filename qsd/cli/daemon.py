@@ -467,7 +467,9 @@ def _object_help(text: str) -> str:
     """``--object help`` / ``--object TYPE,help``, limited to what qsd creates."""
     from qsd.cli import keyval
 
-    types = sorted(_tag_values("ObjectOptions"))
+    from qsd.objects import NOT_CREATABLE
+
+    types = sorted(t for t in _tag_values("ObjectOptions") if t not in NOT_CREATABLE)
     try:
         wanted = keyval.parse(text, "qom-type", allow_help=True).get("qom-type")
     except QMPError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +58,21 @@ class ExportManager:
         """Start the server; ``addr`` is a flat SocketAddress."""
         if self.nbd is not None:
             raise GenericError("NBD server already running")
+        ctx = None
+        check = None
         if tls_creds is not None:
-            raise GenericError(f"No TLS credentials with id '{tls_creds}'")
-        if tls_authz is not None:
-            raise GenericError("'tls-authz' is only supported with 'tls-creds'")
-        server = NBDServer(max_connections=max_connections)
+            creds = self.daemon.objects.tls_creds(tls_creds)
+            if creds is None:
+                if tls_creds in self.daemon.objects.objects:
+                    raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
+                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if not creds.is_server:
+                raise GenericError("Expected TLS credentials for a server endpoint")
+            ctx = creds.server_context()
+            objects = self.daemon.objects
+            # tls-authz names an object looked up at each handshake, as QEMU does.
+            check = partial(creds.check_peer, authz_id=tls_authz, find_authz=objects.authz)
+        server = NBDServer(max_connections=max_connections, tls_creds=ctx, tls_check=check)
         await server.start(addr)
         self.nbd = server
 

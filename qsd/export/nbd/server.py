@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from qsd.block.aio import run_blocking
+from qsd.crypto.tls import TLSPeerRejected
 from qsd.export.nbd.contexts import (
     BASE_ALLOCATION,
     MAX_EXTENTS,
@@ -364,6 +365,14 @@ class _Client(asyncio.BufferedProtocol):
             log.warning("option negotiation failed: TLS handshake failed: %s", e)
             self.abort()
             return
+        if self.server.tls_check is not None:
+            try:
+                self.server.tls_check(transport.get_extra_info("ssl_object"))
+            except TLSPeerRejected as e:
+                log.warning("option negotiation failed: %s", e)
+                self.transport = cast(asyncio.Transport, transport)
+                self.abort()
+                return
         self.transport = cast(asyncio.Transport, transport)
         self._tls_pending = False
         self._flush()
@@ -574,12 +583,17 @@ class NBDServer:
 
     ``tls_creds`` is the server-side :class:`ssl.SSLContext` built from the
     daemon's tls-creds object; when set, clients must STARTTLS first.
+    ``tls_check(ssl_object)`` runs after each handshake and raises
+    :class:`~qsd.crypto.tls.TLSPeerRejected` to refuse the client (verify-peer,
+    tls-authz).
     """
 
     def __init__(self, max_connections: int = 0,
-                 tls_creds: ssl.SSLContext | None = None) -> None:
+                 tls_creds: ssl.SSLContext | None = None,
+                 tls_check: Callable[[Any], None] | None = None) -> None:
         self.max_connections = max_connections
         self.tls_creds = tls_creds
+        self.tls_check = tls_check
         self._exports: dict[str, _Export] = {}
         self._clients: set[_Client] = set()
         self._connections = 0
