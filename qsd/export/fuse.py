@@ -263,6 +263,17 @@ class FuseExport:
         is "on", "off" or "auto" (try with it, fall back without)."""
         if self.mountpoint in _MOUNTPOINTS:
             raise GenericError(f"There already is a FUSE export on '{self.mountpoint}'")
+        _MOUNTPOINTS.add(self.mountpoint)       # taken while we wait below
+        try:
+            await self._check_and_mount(allow_other)
+        except BaseException:
+            _MOUNTPOINTS.discard(self.mountpoint)
+            raise
+        os.set_blocking(self.fd, False)
+        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        self._reading = True
+
+    async def _check_and_mount(self, allow_other: str) -> None:
         # In a thread: stat'ing a file another of our exports serves would
         # wait for this very loop.
         try:
@@ -279,10 +290,6 @@ class FuseExport:
             self.allow_other = allow_other == "on"
             if not await self._mount(self.allow_other):
                 raise GenericError("Failed to mount FUSE session to export")
-        _MOUNTPOINTS.add(self.mountpoint)
-        os.set_blocking(self.fd, False)
-        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
-        self._reading = True
 
     async def _mount(self, allow_other: bool) -> bool:
         options = f"max_read={MAX_READ},default_permissions" + (",allow_other" if allow_other else "")
