@@ -49,6 +49,7 @@ class FakeExport:
     writable: bool = False
     contexts: list[Ctx] = field(default_factory=lambda: [Ctx("base:allocation")])
     size: int = SIZE
+    min_block: int = 1
 
 
 def exports() -> dict[str, FakeExport]:

@@ -254,6 +254,11 @@ class ExportInfo(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def min_block(self) -> int:
+        """The node's request alignment (1, or e.g. 512 with O_DIRECT)."""
+        ...
+
 
 # ----- events -------------------------------------------------------------
 
@@ -700,13 +705,21 @@ class ServerConnection:
         requests = {r for (r,) in struct.iter_unpack(">H", data[6 + nlen:])}
         export = self._lookup(name)
         option = self._option
+        align = export.min_block
+        # QEMU tolerates any client on GO, but NBD_OPT_INFO for an aligned
+        # export must ask for the block sizes.
+        if option == Opt.INFO and Info.BLOCK_SIZE not in requests and align > 1:
+            raise _OptionError(Rep.ERR_BLOCK_SIZE_REQD,
+                               "request NBD_INFO_BLOCK_SIZE to use this export")
+        # The real minimum only for clients that promise to honour it.
+        minimum = align if option == Opt.INFO or Info.BLOCK_SIZE in requests else MIN_BLOCK
         if Info.NAME in requests:
             out.append(option_reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode()))
         if export.description:
             out.append(option_reply(option, Rep.INFO, _U16.pack(Info.DESCRIPTION)
                                     + export.description.encode()))
         out.append(option_reply(option, Rep.INFO, _INFO_BLOCK_SIZE.pack(
-            Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)))
+            Info.BLOCK_SIZE, minimum, max(PREFERRED_BLOCK, minimum), MAX_PAYLOAD)))
         flags = transmission_flags(export.writable, self.structured)
         out.append(option_reply(option, Rep.INFO, _INFO_EXPORT.pack(Info.EXPORT, export.size, flags)))
         out.append(option_reply(option, Rep.ACK))

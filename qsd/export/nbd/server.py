@@ -113,6 +113,10 @@ class _Export:
     def size(self) -> int:
         return int(self.cfg.edge.child.size)
 
+    @property
+    def min_block(self) -> int:
+        return max(1, int(getattr(self.cfg.edge.child, "request_alignment", 1)))
+
 
 class _BufferPool:
     """Reply buffers by power-of-two class, with room for a reply header.
