@@ -394,6 +394,13 @@ class MirrorJob(BlockJob):
             raise
         self._drain = stack
 
+    async def pause_point(self) -> None:
+        """As QEMU's mirror_pause: copies in flight finish before the job
+        shows itself paused."""
+        if self.pause_count > 0 and not self.is_cancelled:
+            await self._wait_in_flight()
+        await super().pause_point()
+
     # ----- write-blocking mode --------------------------------------------
     async def write_through(self, offset: int, length: int, *, data: Any = None,
                             zero: bool = False, may_unmap: bool = False,
