@@ -549,3 +549,48 @@ def test_length_mismatch_refused() -> None:
         parse_request(memoryview(good[:-1]))
     with pytest.raises(FuseProtocolError):
         parse_request(memoryview(struct.pack("<I", 5) + good[4:]))
+
+
+OPCODES = [fuse.LOOKUP, fuse.FORGET, fuse.GETATTR, fuse.SETATTR, fuse.OPEN, fuse.READ, fuse.WRITE, fuse.STATFS,
+           fuse.RELEASE, fuse.FSYNC, fuse.FLUSH, fuse.INIT, fuse.INTERRUPT, fuse.BATCH_FORGET, fuse.FALLOCATE,
+           fuse.LSEEK, 0, 9, 22, 99, 2**32 - 1]
+
+
+@given(st.lists(st.tuples(st.sampled_from(OPCODES), st.binary(max_size=96)), max_size=12),
+       st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_every_request_gets_one_reply(requests: list[tuple[int, bytes]], writable: bool) -> None:
+    """Whatever the kernel sends (bodies short, long or garbage), each request that wants an answer gets
+    exactly one, with its own unique id and a valid errno, and nothing escapes the handlers."""
+    from qsd.daemon import Daemon
+    from qsd.block.node import Perm
+
+    async def main() -> list[tuple[int, int, bytes]]:
+        d = Daemon()
+        # 4 KiB: the replies of 12 requests fit the pipe, read only at the end
+        node = await d.graph.add({"driver": "null-co", "node-name": "n0", "size": 4096, "read-zeroes": True})
+        edge = await d.graph.attach_user(node, "export 'e'", Perm.CONSISTENT_READ, Perm.all())
+        export = fuse.FuseExport(edge, "unused", writable, growable=False)
+        rfd, wfd = os.pipe()
+        export.fd = wfd
+        for unique, (opcode, body) in enumerate(requests, 1):
+            export._dispatch(parse_request(_request(opcode, body, unique)))
+        while export._tasks:
+            await asyncio.gather(*list(export._tasks))
+        os.close(wfd)
+        data = b""
+        while chunk := os.read(rfd, 65536):
+            data += chunk
+        os.close(rfd)
+        replies = []
+        while data:
+            length, error, unique = fuse.OUT_HEADER.unpack_from(data)
+            replies.append((unique, -error, data[fuse.OUT_HEADER.size:length]))
+            data = data[length:]
+        return replies
+
+    replies = asyncio.run(main())
+    wanted = [u for u, (op, _b) in enumerate(requests, 1) if op not in fuse.NO_REPLY]
+    assert sorted(u for u, _e, _p in replies) == wanted
+    for _u, err, payload in replies:
+        assert 0 <= err < 200 and (err == 0 or payload == b"")
