@@ -402,6 +402,12 @@ def test_allow_other_auto_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     async def main() -> None:
         d = _daemon_with_raw(tmp_path / "img.raw")
+        try:
+            await checks(d)
+        finally:
+            await d.shutdown()      # unmounts whatever is still mounted
+
+    async def checks(d: Any) -> None:
         await d.execute("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(tmp_path / "img.raw")})
         with pytest.raises(Exception, match="^Failed to mount FUSE session to export$"):
             await d.execute("block-export-add", {"type": "fuse", "id": "e0", "node-name": "f0",
@@ -417,7 +423,6 @@ def test_allow_other_auto_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert (await asyncio.to_thread(os.stat, mnt)).st_mode & 0o7777 == 0o700
         await d.execute("block-export-del", {"id": "e0"})
         assert mount_lines(Path(mnt)) == []
-        await d.shutdown()
 
     asyncio.run(main())
     assert "fuse: mount failed: Operation not permitted" in capfd.readouterr().err
@@ -438,6 +443,12 @@ def test_mount_through_fusermount3(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     async def main() -> None:
         d = _daemon_with_raw(tmp_path / "img.raw")
+        try:
+            await checks(d)
+        finally:
+            await d.shutdown()      # unmounts whatever is still mounted
+
+    async def checks(d: Any) -> None:
         await d.execute("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(tmp_path / "img.raw")})
         await d.execute("block-export-add", {"type": "fuse", "id": "e0", "node-name": "f0", "mountpoint": mnt,
                                              "writable": True, "allow-other": "on"})
@@ -454,7 +465,6 @@ def test_mount_through_fusermount3(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert await asyncio.to_thread(use) == b"via fusermount3"
         await d.execute("block-export-del", {"id": "e0"})
         assert mount_lines(Path(mnt)) == []
-        await d.shutdown()
 
     asyncio.run(main())
     assert (tmp_path / "img.raw").read_bytes()[512:527] == b"via fusermount3"
@@ -466,6 +476,12 @@ def test_requests_wait_for_drained_sections(tmp_path: Path) -> None:
 
     async def main() -> None:
         d = _daemon_with_raw(tmp_path / "img.raw")
+        try:
+            await checks(d)
+        finally:
+            await d.shutdown()      # unmounts whatever is still mounted
+
+    async def checks(d: Any) -> None:
         node = await d.graph.add({"driver": "file", "node-name": "f0", "filename": str(tmp_path / "img.raw")})
         mnt = str(tmp_path / "mnt.raw")
         await d.execute("block-export-add", {"type": "fuse", "id": "e0", "node-name": "f0",
@@ -489,7 +505,6 @@ def test_requests_wait_for_drained_sections(tmp_path: Path) -> None:
         await writer
         assert (tmp_path / "img.raw").read_bytes()[8192:8192 + 4096] == b"Q" * 4096
         await d.execute("block-export-del", {"id": "e0"})
-        await d.shutdown()
 
     asyncio.run(main())
 
