@@ -29,6 +29,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.formats.qcow2 import snapshot
+from qsd.block.formats.qcow2.bitmaps import BitmapStore, check_constraints
 from qsd.block.formats.qcow2.create import create_image
 from qsd.block.formats.qcow2.crypt import Qcow2Crypto, check_format_option, open_crypto
 from qsd.block.formats.qcow2.cluster import (
@@ -66,6 +67,9 @@ class Qcow2Node(ClusterMap, Node):
         self.img = self
         self.header = Header()
         self._lock = asyncio.Lock()
+        #: Overwrites of owned clusters in flight outside the lock.
+        self._overwrites = 0
+        self._overwrites_done: asyncio.Event | None = None
         self._meta: dict[int, str] = {}
         self._compressed_cache: tuple[int, bytes] | None = None
         self._writable = False
@@ -204,6 +208,9 @@ class Qcow2Node(ClusterMap, Node):
             self.add_metadata(h.l1_table_offset, h.l1_size * 8, "active L1 table")
         await self.load_l1()
         await self._load_snapshot_table()
+        self.bitmap_store = BitmapStore(self)
+        had_bitmaps_ext = h.bitmaps_ext is not None
+        await self.bitmap_store.load()
         await self._open_data_file(options)
         await self._open_backing(options)
         self.lazy_refcounts = bool(options.get("lazy-refcounts",
@@ -214,10 +221,10 @@ class Qcow2Node(ClusterMap, Node):
         if self._writable:
             if h.incompatible & INCOMPAT_DIRTY:
                 await self._repair()
-            if h.autoclear & ~AUTOCLEAR_KNOWN or h.bitmaps_ext is not None:
-                # Unknown auto-clear features (and bitmaps, which we do not
-                # keep up to date) are no longer consistent once we write.
-                h.autoclear &= AUTOCLEAR_DATA_FILE_RAW
+            if h.autoclear & ~AUTOCLEAR_KNOWN or (had_bitmaps_ext and h.bitmaps_ext is None):
+                # Unknown auto-clear features are no longer consistent once
+                # we write; an ignored bitmaps extension goes away.
+                h.autoclear &= AUTOCLEAR_KNOWN
                 await self.write_header()
 
     async def _open_encryption(self, options: dict[str, Any]) -> None:
@@ -330,6 +337,12 @@ class Qcow2Node(ClusterMap, Node):
     async def close(self) -> None:
         if self._writable and "file" in self.children:
             try:
+                await self.bitmap_store.store_all()
+            except (QMPError, OSError) as e:
+                text = e.desc if isinstance(e, QMPError) else os.strerror(e.errno or errno.EIO)
+                os.write(2, f"qemu-storage-daemon: Lost persistent bitmaps during inactivation "
+                            f"of node '{self.node_name}': {text}\n".encode())
+            try:
                 await self._flush_metadata()
                 if self.header.incompatible & INCOMPAT_DIRTY:
                     self.header.incompatible &= ~INCOMPAT_DIRTY
@@ -342,9 +355,6 @@ class Qcow2Node(ClusterMap, Node):
     async def _repair(self) -> None:
         """Rebuild refcounts of a dirty image from its references, then
         clear the dirty bit (what QEMU does on a read-write open)."""
-        if self.header.bitmaps_ext is not None:
-            raise GenericError("qcow2: Image was not closed cleanly and has persistent "
-                               "bitmaps; repair it with 'qemu-img check -r all'")
         want = await self.count_references()
         rc = self.refcounts
         top = max(want) + 1 if want else 0
@@ -400,6 +410,10 @@ class Qcow2Node(ClusterMap, Node):
                 add(off, size * 8)
                 raw = await self.read_file(off, size * 8)
                 l1s.append((list(struct.unpack(f">{size}Q", raw)), False))
+        for off, length in self.bitmap_store.references():
+            add(off, length)
+        for off, length in await self.bitmap_store.table_references():
+            add(off, length)
         for table, _active in l1s:
             for e in table:
                 l2 = e & L1E_OFFSET_MASK
@@ -506,13 +520,31 @@ class Qcow2Node(ClusterMap, Node):
         async with self._lock:
             await self._before_write()
             host = self._overwrite_host(offset, len(data))
-            if host is not None:
-                await self.data_node.write(host, data)
-            else:
+            if host is None:
                 await self._write_locked(offset, data)
-            self._compressed_cache = None
+                self._compressed_cache = None
+            else:
+                self._overwrites += 1
+        if host is not None:
+            # Outside the lock: the cluster stays ours until wait_overwrites()
+            # lets a free or a snapshot go on.
+            try:
+                await self.data_node.write(host, data)
+            finally:
+                self._overwrites -= 1
+                if not self._overwrites and self._overwrites_done is not None:
+                    self._overwrites_done.set()
         if fua:
             await self.flush()
+
+    async def wait_overwrites(self) -> None:
+        """Wait for the overwrites running outside the lock (called with the
+        lock held, so that no new one starts): before a cluster they may be
+        writing to is freed or shared with a snapshot."""
+        while self._overwrites:
+            self._overwrites_done = asyncio.Event()
+            await self._overwrites_done.wait()
+        self._overwrites_done = None
 
     def _overwrite_host(self, offset: int, length: int) -> int | None:
         """Host offset when [offset, offset+length) lies in clusters owned by
@@ -933,8 +965,42 @@ class Qcow2Node(ClusterMap, Node):
         data["refcount-bits"] = h.refcount_bits
         if self.crypto is not None:
             data["encrypt"] = self.crypto.info()
+        if h.version >= 3 and self.bitmap_store.stored:
+            data["bitmaps"] = [sb.info() for sb in self.bitmap_store.stored]
         data["compression-type"] = COMPRESSION_NAMES[h.compression_type]
         return {"type": "qcow2", "data": data}
+
+    # ----- persistent dirty bitmaps (see .bitmaps) ----------------------------
+    def bitmap_check_persistent(self, name: str, granularity: int) -> None:
+        """QEMU's qcow2 test whether a new persistent bitmap can be stored."""
+        reason: str | None
+        if any(bm.name == name for bm in self.dirty_bitmaps):
+            reason = f"Bitmap already exists: {name}"
+        elif self.header.version < 3:
+            reason = "Cannot store dirty bitmaps in qcow2 v2 files"
+        else:
+            reason = check_constraints(self, name, granularity)
+            if reason is None:
+                names = [bm.name or "" for bm in self.dirty_bitmaps if bm.persistent] + [name]
+                size = sum(8 * (-(-(24 + len(n.encode())) // 8)) for n in names)
+                if len(names) > 65535:
+                    reason = "Maximum number of persistent bitmaps is already reached"
+                elif size > 1024 * 65535:
+                    reason = "Not enough space in the bitmap directory"
+        if reason is not None:
+            raise GenericError(f"Can't make bitmap '{name}' persistent in "
+                               f"'{self.node_name}': {reason}")
+
+    async def bitmap_remove_persistent(self, name: str) -> None:
+        if not self.bitmap_store.stored:
+            return
+        self._check_writable()
+        async with self._lock:
+            try:
+                await self.bitmap_store.remove(name)
+            except OSError as e:
+                raise GenericError("Failed to update bitmap extension: "
+                                   f"{os.strerror(e.errno or errno.EIO)}") from None
 
     # ----- internal snapshots (see .snapshot) --------------------------------
     def snapshots(self) -> list[dict[str, Any]] | None:
@@ -943,6 +1009,7 @@ class Qcow2Node(ClusterMap, Node):
     async def snapshot_create(self, name: str) -> snapshot.Snapshot:
         self._check_writable()
         async with self._lock:
+            await self.wait_overwrites()
             return await snapshot.create(self, name)
 
     async def snapshot_delete(self, ident: str | None, name: str | None) -> snapshot.Snapshot:

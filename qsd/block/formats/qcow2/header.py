@@ -296,13 +296,15 @@ class Header:
             exts.append((EXT_DATA_FILE, self.data_file.encode()))
         if self.crypto_header is not None:
             exts.append((EXT_CRYPTO, struct.pack(">QQ", *self.crypto_header)))
-        if self.bitmaps_ext is not None:
-            exts.append((EXT_BITMAPS, self.bitmaps_ext))
-        if self.version >= 3:  # QEMU writes the table for v3 images only
+        if self.version >= 3 and self.cluster_size > 4096:
+            # QEMU writes the table for v3 images only, and not where the
+            # header cluster is small (it would crowd out the rest).
             table = self.feature_table or list(FEATURE_NAMES)
             exts.append((EXT_FEATURE_TABLE, b"".join(
                 bytes([kind, bit]) + name.encode()[:46].ljust(46, b"\0")
                 for kind, bit, name in table)))
+        if self.bitmaps_ext is not None:
+            exts.append((EXT_BITMAPS, self.bitmaps_ext))
         exts.extend(self.unknown_extensions)
         return exts
 

@@ -148,6 +148,7 @@ class Refcounts:
         """Flush L2 tables (the references), then apply the queued decrements."""
         if not self.pending_frees:
             return
+        await self.img.wait_overwrites()  # none may still target a freed cluster
         await self.img.write_back_metadata()
         frees, self.pending_frees = self.pending_frees, []
         for offset, count in frees:
