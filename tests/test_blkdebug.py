@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -169,6 +170,10 @@ BAD_CONFIGS = {
     "bad13.cfg": b'[inject-error]\nbogus = "1"\n[set-state]\n \n',
     "bad14.cfg": b'[set-state "x"]\nevent = "read_aio"\nnew_state = "0x10"\n',
     "bad15.cfg": b'[inject-error]\nevent = "read_aio"\nerrno = "99999999999999999999"\n',
+    "bad16.cfg": b'[inject-error]\nevent = "read_aio"\n[]\n',
+    "bad17.cfg": b'[inject-error "1bad"]\nevent = "read_aio"\n',
+    "bad18.cfg": b'[inject-error "x"]\nevent = "read_aio"\n[inject-error "x"]\nevent = "read_aio"\n',
+    "bad19.cfg": b'[inject-error "x"]\nevent = "read_aio"\n[set-state "x"]\nevent = "read_aio"\n[xyz\n',
     "good.cfg": b'[inject-error]\nevent = "read_aio"\nerrno = "5"\n',
 }
 
@@ -235,3 +240,42 @@ def test_injected_errors_reach_nbd_clients(qemu_sd: Any, qsd: Any, workdir: Path
     assert ours == theirs
     assert theirs[0] == (1, "read failed: Input/output error")
     assert theirs[3] == (1, "write failed: No space left on device")
+
+
+def _random_config(rng: random.Random) -> bytes:
+    """A config file that is mostly right, with the mistakes people make."""
+    keys = ["event", "errno", "sector", "once", "immediately", "state", "iotype", "new_state", "bogus"]
+    values = ["read_aio", "write_aio", "flush_to_disk", "nosuch", "5", "28", "0x1c", "010", "-1", "x", "on",
+              "off", "yes", "maybe", "read", "write", "flush", "1", "2", ""]
+    lines = []
+    for _ in range(rng.randint(1, 4)):
+        group = rng.choice(["inject-error", "set-state", "inject-error", "set-state", "bogus", ""])
+        lines.append(rng.choice([f"[{group}]", f'[{group} "id{rng.randint(0, 2)}"]', f"[{group}", f" [{group}]"]))
+        for _ in range(rng.randint(0, 4)):
+            key, value = rng.choice(keys), rng.choice(values)
+            lines.append(rng.choice([f'{key} = "{value}"', f'{key} = "{value}"', f'  {key}="{value}"',
+                                     f"{key} = {value}", f'{key}  =  "{value}" trailing', "# c", "", "   ",
+                                     f"\t{key} = \"{value}\""]))
+    return "\n".join(lines).encode() + rng.choice([b"\n", b""])
+
+
+def test_random_configs_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    """The parser and rule checks give QSD's answer on many near-miss files."""
+    rng = random.Random(7)
+    (workdir / "disk.img").write_bytes(bytes(1 << 20))
+    names = []
+    for i in range(80):
+        name = f"r{i}.cfg"
+        (workdir / name).write_bytes(_random_config(rng))
+        names.append(name)
+    image = {"driver": "file", "filename": "disk.img", "locking": "off"}
+    replies = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        daemon = factory()
+        q = daemon.qmp()
+        replies[tag] = [q.execute("blockdev-add", {"driver": "blkdebug", "node-name": f"n{i}", "config": name,
+                                                   "image": image}) for i, name in enumerate(names)]
+        daemon.stop()
+    mismatches = [(names[i], (workdir / names[i]).read_bytes(), a, b)
+                  for i, (a, b) in enumerate(zip(replies["q"], replies["o"])) if a != b]
+    assert not mismatches

@@ -26,6 +26,7 @@ import asyncio
 import errno as errno_mod
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,7 @@ from qsd.qmp.errors import GenericError
 from qsd.qmp.keyorder import qemu_items
 
 INT_MAX = (1 << 31) - 1
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 UINT64 = 1 << 64
 SECTOR = 512
 
@@ -135,6 +137,10 @@ def parse_config(data: bytes,
     complete (at the next header or the end), as QEMU checks groups then, so
     its errors come in QEMU's order."""
     groups: list[ConfigGroup] = []
+    # QEMU scans group names into one buffer, which a line that only looks
+    # like a header (``[]``) overwrites too; the last group is checked under
+    # whatever that buffer holds at the end.
+    scanned = ""
 
     def start(group: ConfigGroup) -> None:
         if groups:
@@ -150,6 +156,7 @@ def parse_config(data: bytes,
             head = scan.pos
             name = scan.word(_NAME_MAX)
             if name is not None:
+                scanned = _text(name)
                 scan.space()
                 if scan.literal(b'"'):
                     gid = scan.until(b'"', _NAME_MAX)
@@ -159,7 +166,8 @@ def parse_config(data: bytes,
             scan.pos = head
             name = scan.until(b"]", _NAME_MAX)
             if name is not None:
-                start(ConfigGroup(_text(name), {}))
+                scanned = _text(name)
+                start(ConfigGroup(scanned, {}))
                 continue
         scan = _Scan(line)
         arg = scan.word(_NAME_MAX)
@@ -175,6 +183,7 @@ def parse_config(data: bytes,
             raise GenericError("no group defined")
         groups[-1].values[_text(arg)] = _text(value)
     if groups:
+        groups[-1].name = scanned
         on_group(groups[-1])
     return groups
 
@@ -236,12 +245,20 @@ class Rule:
     new_state: int | None = None
 
 
-def _typed_group(group: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Check one group's keys and parse its values (qemu_opts_from_qdict:
-    keys in QEMU's dict order, so the first error is QEMU's)."""
+def _typed_group(group: str, values: dict[str, Any], ids: set[str] | None = None) -> dict[str, Any]:
+    """Check one group's id and keys and parse its values
+    (qemu_opts_from_qdict: keys in QEMU's dict order, so the first error is
+    QEMU's); ``ids`` are the ids the group's earlier sections took."""
     kinds = GROUPS.get(group)
     if kinds is None:
         raise GenericError(f"There is no option group '{group}'")
+    gid = values.get("id")
+    if gid is not None and ids is not None:
+        if not _ID_RE.match(gid):
+            raise GenericError("Parameter 'id' expects an identifier")
+        if gid in ids:
+            raise GenericError(f"Duplicate ID '{gid}' for {group}")
+        ids.add(gid)
     out: dict[str, Any] = {}
     for key, value in qemu_items(values):
         if key == "id":
@@ -286,8 +303,10 @@ def build_rules(config: bytes | None, inject: list[dict[str, Any]],
     rules before set-state rules (QEMU's order)."""
     parsed: dict[str, list[dict[str, Any]]] = {"inject-error": [], "set-state": []}
 
+    ids: dict[str, set[str]] = {name: set() for name in GROUPS}
+
     def typed(group: ConfigGroup) -> None:
-        opts = _typed_group(group.name, group.values)
+        opts = _typed_group(group.name, group.values, ids.get(group.name))
         parsed[group.name].append(opts)
 
     if config is not None:
