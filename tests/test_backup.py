@@ -65,6 +65,7 @@ class Script:
         if args is not None:
             msg["arguments"] = args
         self.log.append(b"-> " + json.dumps(msg).encode())
+        self.seen.clear()
         self.q.send(msg)
         while True:
             reply = self._record(self.q.recv_raw())
@@ -74,10 +75,17 @@ class Script:
             self.wait(*until)
         return reply
 
-    def wait(self, job_id: str, status: str = "null", timeout: float = 60) -> None:
-        """Until the job has reported ``status`` (maybe already, before a reply)."""
+    def wait(self, job_id: str, status: str = "null", timeout: float = 30) -> None:
+        """Until the job has reported ``status`` since the last command or
+        awaited event (maybe already, before the command's reply)."""
         while (job_id, status) not in self.seen:
             self._record(self.q.recv_raw(timeout=timeout))
+        self.seen.remove((job_id, status))
+
+    def wait_event(self, name: str, timeout: float = 30) -> None:
+        """Until event ``name`` arrives; later waits look at what follows it."""
+        while self._record(self.q.recv_raw(timeout=timeout)).get("event") != name:
+            pass
         self.seen.clear()
 
     def sh(self, command: str, log: bool = True) -> str:
@@ -107,6 +115,9 @@ def differential(qemu_sd: Callable[..., Daemon], qsd: Callable[..., Daemon], wor
         script = Script(daemon)
         try:
             session(script)
+        except (TimeoutError, EOFError) as err:
+            tail = b"\n".join(script.log[-30:]).decode(errors="replace")
+            pytest.fail(f"{kind}: {err!r} after:\n{tail}\nstderr: {daemon.stderr()[-3000:]}")
         finally:
             daemon.stop()
         logs.append(b"\n".join(script.log).decode(errors="replace"))

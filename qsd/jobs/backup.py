@@ -25,13 +25,16 @@ it (``never``, or a failure with ``on-success``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.bitmap import DirtyBitmap
 from qsd.block.filters.copy_before_write import (BlockCopy, CopyBeforeWriteNode, CopyError,
                                                  find_bitmap)
 from qsd.block.node import Node, Perm
-from qsd.jobs.job import BlockJob
+from qsd.jobs.job import BlockJob, Job
 from qsd.jobs.txn import JobTxn, TxnJobMixin
 from qsd.qmp.errors import GenericError, QMPError
 
@@ -122,9 +125,16 @@ class BackupJob(TxnJobMixin, BlockJob):
             self.bcs.skip_unallocated = True
         self.progress_set_remaining(self.bcs.copy_bitmap.count())
 
+    def drains(self, other: TxnJobMixin) -> bool:
+        """Dropping our filter drains it and every node above it, and with
+        them any backup whose filter sits there."""
+        return isinstance(other, BackupJob) and any(
+            n is other.cbw for n in self.daemon.graph._ancestors(self.cbw))
+
     async def user_cancel(self, force: bool) -> None:
-        """With no copy in flight, QSD ends the job before it replies to the
-        cancel (nothing has to be waited for); otherwise after."""
+        """With no copy in flight, QSD ends the job (and its group) before it
+        replies to the cancel, as nothing has to be waited for; otherwise
+        the reply comes first."""
         idle = self.bcs.in_flight_bytes == 0
         await super().user_cancel(force)
         if idle:
@@ -146,7 +156,7 @@ class BackupJob(TxnJobMixin, BlockJob):
                 await self.yield_()
         while True:
             try:
-                await self.bcs.copy(0, self.bcs.size, throttle=self.throttle,
+                await self.bcs.copy(0, self.bcs.size, throttle=self._throttle,
                                     max_workers=self.max_workers, max_chunk=self.max_chunk)
                 return
             except CopyError as err:
@@ -154,6 +164,18 @@ class BackupJob(TxnJobMixin, BlockJob):
                 if self.error_action(policy, err.is_read, err) == "report":
                     raise
                 await self.pause_point()
+
+    async def _throttle(self, nbytes: int) -> None:
+        """After launching a copy: wait as the speed limit says, however often
+        the wait is interrupted. Without a delay the next copy starts at once
+        (QEMU launches its copies without yielding in between), unless a
+        pause or cancel is pending."""
+        delay = self.limit.delay(nbytes)
+        if delay <= 0 and (self.pause_count > 0 or self.is_cancelled):
+            await self.pause_point()
+        while delay > 0:
+            await self.sleep(delay)
+            delay = self.limit.delay(0)     # woken early (a pause): still owed?
 
     async def _drop_unallocated(self) -> None:
         """sync=top: clusters the device's own layer does not allocate need
@@ -195,10 +217,31 @@ async def remove_filter(daemon: "Daemon", cbw: CopyBeforeWriteNode) -> None:
     filter closes (detaching its last user may have closed it already)."""
     g = daemon.graph
     if cbw.parents:
-        async with g.drained(cbw):
+        async with g.drained(cbw), paused_jobs_above(daemon, cbw):
             g.replace_node(cbw, cbw.filtered)
     if g.nodes.get(cbw.node_name) is cbw:
         await g.close_node(cbw)
+
+
+@contextlib.asynccontextmanager
+async def paused_jobs_above(daemon: "Daemon", node: Node) -> AsyncIterator[None]:
+    """A drained section pauses the running backups that work on the node or
+    above it until it ends (QEMU pauses a job whose node is drained)."""
+    nodes = {id(n) for n in daemon.graph._ancestors(node)}
+    jobs = [j for j in daemon.jobs.newest_first()
+            if isinstance(j, BackupJob) and j.status in ("running", "paused")
+            and any(id(e.child) in nodes for e in j.edges)]
+    for job in jobs:
+        job.pause()
+    for job in jobs:
+        while not job.paused and job.status == "running":
+            await asyncio.sleep(0.001)
+    try:
+        yield
+    finally:
+        for job in jobs:
+            job.resume()
+            await Job.settle()
 
 
 def _check_bitmap(bitmap: DirtyBitmap, allow_ro: bool) -> None:

@@ -77,12 +77,15 @@ class JobTxn:
         for j in list(self.jobs):
             if j is not failed:
                 j.cancel_for_txn()
-        for j in list(self.jobs):
-            if j.status in _UNFINISHED and j._task is not None and not j._task.done():
-                j.enter()
-                await j._run_done.wait()
-        for j in list(self.jobs):
-            await self._finalize_single(j)
+        while self.jobs:
+            job = self.jobs[0]
+            # Cleaning a job up drains its nodes: a cancelled job above them
+            # is woken by that and stops first (QEMU's drain does it).
+            for other in list(self.jobs[1:]):
+                if job.drains(other):
+                    await other.stopped()
+            await job.stopped()
+            await self._finalize_single(job)
 
     async def _finalize_single(self, job: "TxnJobMixin") -> None:
         job._finalizing = True
@@ -109,6 +112,16 @@ class TxnJobMixin(Job):
         super().__init__(*args, **kwargs)
         #: Set once run() is over (the job is waiting or aborting).
         self._run_done = asyncio.Event()
+
+    def drains(self, other: "TxnJobMixin") -> bool:
+        """Whether cleaning this job up drains nodes ``other`` works above."""
+        return False
+
+    async def stopped(self) -> None:
+        """Wait until run() is over (a cancelled job is woken to notice)."""
+        if self._task is not None and not self._task.done() and not self._run_done.is_set():
+            self.enter()
+            await self._run_done.wait()
 
     def cancel_for_txn(self) -> None:
         """Another job of the group failed: a forced cancel that the group
