@@ -40,6 +40,7 @@ SIZE = 1 << 20
 @dataclass
 class Ctx:
     name: str
+    id: int = 0
 
 
 @dataclass
@@ -55,8 +56,8 @@ class FakeExport:
 def exports() -> dict[str, FakeExport]:
     return {
         "ro": FakeExport("ro", "read-only view",
-                         contexts=[Ctx("base:allocation"), Ctx("qemu:allocation-depth"),
-                                   Ctx("qemu:dirty-bitmap:b0")]),
+                         contexts=[Ctx("base:allocation", 0), Ctx("qemu:allocation-depth", 1),
+                                   Ctx("qemu:dirty-bitmap:b0", 2)]),
         "rw": FakeExport("rw", writable=True),
     }
 
@@ -299,12 +300,13 @@ def test_set_meta_context() -> None:
     conn.receive_data(opt(Opt.STRUCTURED_REPLY))
     replies = parse_replies(conn.receive_data(opt(Opt.SET_META_CONTEXT, meta_data(
         b"ro", b"qemu:dirty-bitmap:b0", b"base:", b"base:allocation", b"base:allocation"))))
-    assert replies == [(10, Rep.META_CONTEXT, b"\0\0\0\x02qemu:dirty-bitmap:b0"),
-                       (10, Rep.META_CONTEXT, b"\0\0\0\0base:allocation"), (10, Rep.ACK, b"")]
+    # As QEMU: replies in context-id order, whatever the order of the queries.
+    assert replies == [(10, Rep.META_CONTEXT, b"\0\0\0\0base:allocation"),
+                       (10, Rep.META_CONTEXT, b"\0\0\0\x02qemu:dirty-bitmap:b0"), (10, Rep.ACK, b"")]
     started = conn.receive_data(opt(Opt.GO, info_data(b"ro")))[-1]
     assert isinstance(started, TransmissionStarted)
     assert [(i, c.name) for i, c in started.contexts] == [
-        (2, "qemu:dirty-bitmap:b0"), (0, "base:allocation")]
+        (0, "base:allocation"), (2, "qemu:dirty-bitmap:b0")]
 
 
 def test_meta_contexts_belong_to_their_export() -> None:

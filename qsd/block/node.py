@@ -258,12 +258,15 @@ class Node:
             self._end_write(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Advisory: drivers that cannot discard do nothing."""
+        """Advisory: drivers that cannot discard do nothing. Dirty bitmaps see
+        only discards the node acts on, as in QEMU: opened with discard=unmap
+        and with a driver that discards."""
         self._begin_write(offset, length)
         try:
             await self.drv_discard(offset, length)
         finally:
-            self._end_write(offset, length)
+            self._end_write(offset, length, self.discard_mode == "unmap"
+                            and type(self).drv_discard is not Node.drv_discard)
 
     async def truncate(self, size: int, exact: bool = False,
                        prealloc: str = "off") -> None:
@@ -281,12 +284,13 @@ class Node:
             observer(self, offset, length)
         self.in_flight += 1
 
-    def _end_write(self, offset: int, length: int) -> None:
+    def _end_write(self, offset: int, length: int, mark: bool = True) -> None:
         # Marked whether or not the write succeeded, as QEMU does: a failed
         # write may still have changed part of the range.
-        for bitmap in self.dirty_bitmaps:
-            if bitmap.enabled:
-                bitmap.set_range(offset, length)
+        if mark:
+            for bitmap in self.dirty_bitmaps:
+                if bitmap.enabled:
+                    bitmap.set_range(offset, length)
         self._request_done()
 
     def _request_done(self) -> None:

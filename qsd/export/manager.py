@@ -10,14 +10,16 @@ that all types share lives here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd.block.bitmap import DirtyBitmap
 from qsd.block.graph import Edge
 from qsd.block.node import Perm
 from qsd.export.fuse import start_fuse
+from qsd.export.nbd.contexts import AllocationDepth, DirtyBitmapContext, MetaContext, export_bitmaps
 from qsd.export.nbd.server import NBDExportConfig, NBDServer
 from qsd.export.vhost_user_blk import start_vhost_user_blk
 from qsd.qmp.errors import GenericError
@@ -39,6 +41,8 @@ class Export:
     shutting_down: bool = False
     #: Type-specific teardown (export types without a shared server).
     stop: Callable[[], Awaitable[None]] | None = None
+    #: Dirty bitmaps exposed as NBD contexts: busy until the export is gone.
+    bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:
         # The node the export serves now (a snapshot or pivot may have moved it).
@@ -123,9 +127,6 @@ class ExportManager:
             raise GenericError(f"description '{description}' too long")
         if self.nbd.has_export(name):
             raise GenericError(f"NBD server already has export named '{name}'")
-        for bitmap in args.get("bitmaps", []):
-            bname = bitmap if isinstance(bitmap, str) else bitmap["name"]
-            raise GenericError(f"Bitmap '{bname}' is not found")
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
         # As QSD: nobody may resize a node while it is exported over NBD
         # (other processes see the resize lock byte unshared).
@@ -133,11 +134,21 @@ class ExportManager:
                                                    Perm.all() & ~Perm.RESIZE)
         export = Export(eid, "nbd", node_name, edge, name)
         try:
+            bitmaps = export_bitmaps(self.daemon.graph, node, args.get("bitmaps", []),
+                                     writable)
+            contexts: list[MetaContext] = []
+            if args.get("allocation-depth", False):
+                contexts.append(AllocationDepth())
+            contexts += [DirtyBitmapContext(bm, i) for i, bm in enumerate(bitmaps)]
             self.nbd.add_export(NBDExportConfig(
-                name=name, description=description or "", edge=edge, writable=writable))
+                name=name, description=description or "", edge=edge, writable=writable,
+                contexts=contexts))
         except BaseException:
             await self.daemon.graph.detach(edge)
             raise
+        for bm in bitmaps:
+            bm.busy = True
+        export.bitmaps = bitmaps
         self.exports[eid] = export
 
     async def delete(self, eid: str, mode: str) -> None:
@@ -156,6 +167,8 @@ class ExportManager:
         if self.nbd is not None and export.type == "nbd":
             await self.nbd.remove_export(export.name)
         del self.exports[export.id]
+        for bm in export.bitmaps:
+            bm.busy = False
         await self.daemon.graph.detach(export.edge)
         self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id})
 

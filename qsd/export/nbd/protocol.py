@@ -230,10 +230,14 @@ DATA_CHUNK_HEADER_SIZE = _DATA_CHUNK.size
 # ----- what the connection needs to know about an export --------------------
 
 class MetaContextInfo(Protocol):
-    """A metadata context an export offers; only its name matters here."""
+    """A metadata context an export offers: its name and the id clients
+    are told (which also orders the replies)."""
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def id(self) -> int: ...
 
 
 class ExportInfo(Protocol):
@@ -329,6 +333,14 @@ class _OptionError(Exception):
         self.message = message
 
 
+def _sanitize(name: str) -> str:
+    """Names in error replies: at most 80 bytes, then "..." (as QEMU)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) < 80:
+        return name
+    return raw[:80].decode("utf-8", "replace") + "..."
+
+
 # ----- reply builders -----------------------------------------------------
 
 def option_reply(option: int, rep: int, data: bytes = b"") -> bytes:
@@ -396,19 +408,75 @@ def transmission_flags(writable: bool, structured: bool) -> int:
     return int(flags)
 
 
+#: Queries that, when listing, stand for every context under them.
+_WILDCARDS = ("base:", "qemu:", "qemu:dirty-bitmap:")
+
+
 def match_contexts(contexts: Sequence[MetaContextInfo], query: str,
                    listing: bool) -> list[int]:
-    """Indices of ``contexts`` a query selects.
+    """Indices of ``contexts`` a query selects, as QEMU 7.2 matches them.
 
-    A query must have a namespace and a colon; unknown namespaces match
-    nothing. Listing treats a query ending in ':' as a prefix wildcard
-    ("base:", "qemu:", "qemu:dirty-bitmap:"); selecting needs exact names.
+    Listing treats the bare namespaces "base:", "qemu:" and
+    "qemu:dirty-bitmap:" as wildcards; otherwise a query names one context
+    exactly (the first of that name: an export may list a bitmap twice).
+    Unknown namespaces and leaves match nothing.
     """
-    if ":" not in query:
-        return []
-    if listing and query.endswith(":"):
+    if listing and query in _WILDCARDS:
         return [i for i, c in enumerate(contexts) if c.name.startswith(query)]
-    return [i for i, c in enumerate(contexts) if c.name == query]
+    for i, c in enumerate(contexts):
+        if c.name == query:
+            return [i]
+    return []
+
+
+class _OptionReader:
+    """Reads an option's payload field by field, failing where QEMU's
+    sequential reads fail (and with its texts)."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def _inconsistent(self) -> _OptionError:
+        return _OptionError(Rep.ERR_INVALID, f"Inconsistent lengths in option {self.what}")
+
+    def u32(self) -> int:
+        if len(self.data) - self.pos < 4:
+            raise self._inconsistent()
+        (value,) = _U32.unpack_from(self.data, self.pos)
+        self.pos += 4
+        return value
+
+    def string(self, length: int) -> str:
+        if length > len(self.data) - self.pos:
+            raise self._inconsistent()
+        raw = self.data[self.pos:self.pos + length]
+        self.pos += length
+        if b"\0" in raw:
+            raise _OptionError(Rep.ERR_INVALID, f"Unexpected embedded NUL in option {self.what}")
+        # Undecodable bytes stay distinct from every valid name.
+        return raw.decode("utf-8", "surrogateescape")
+
+    def name(self) -> str:
+        length = self.u32()
+        if length > MAX_STRING:
+            raise _OptionError(Rep.ERR_INVALID, f"Invalid name length: {length}")
+        return self.string(length)
+
+    def query(self) -> str | None:
+        """The next query, or None for one too long to consider (skipped)."""
+        length = self.u32()
+        if length > MAX_STRING:
+            if length > len(self.data) - self.pos:
+                raise self._inconsistent()
+            self.pos += length
+            return None
+        return self.string(length)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise self._inconsistent()
 
 
 # ----- the connection -----------------------------------------------------
@@ -644,7 +712,7 @@ class ServerConnection:
     def _lookup(self, name: str) -> ExportInfo:
         export = self.exports.get(name)
         if export is None:
-            raise _OptionError(Rep.ERR_UNKNOWN, f"export '{name}' not present")
+            raise _OptionError(Rep.ERR_UNKNOWN, f"export '{_sanitize(name)}' not present")
         return export
 
     def _opt_export_name(self, data: bytes, out: list[Event]) -> bool:
@@ -737,6 +805,9 @@ class ServerConnection:
         return True
 
     def _opt_meta_context(self, data: bytes, out: list[Event]) -> bool:
+        """LIST/SET_META_CONTEXT. Replies come in context-id order whatever
+        the order of the queries; SET replaces the previous selection even
+        when it fails."""
         option = self._option
         listing = option == Opt.LIST_META_CONTEXT
         what = _OPTION_NAMES[option]
@@ -745,52 +816,30 @@ class ServerConnection:
             if not self.structured:
                 raise _OptionError(Rep.ERR_INVALID, f"request option '{what}' when "
                                    "structured reply is not negotiated")
-        name, queries = self._parse_meta_request(data, what)
+        reader = _OptionReader(data, what)
+        name = reader.name()
         export = self._lookup(name)
         contexts = export.contexts
-        if listing and not queries:
-            chosen = list(range(len(contexts)))
-        else:
-            chosen = []
-            for query in queries:
-                for i in match_contexts(contexts, query, listing):
-                    if i not in chosen:
-                        chosen.append(i)
-        for i in chosen:
-            cid = 0 if listing else i
+        count = reader.u32()
+        chosen: set[int] = set()
+        if listing and not count:
+            chosen.update(range(len(contexts)))
+        for _ in range(count):
+            query = reader.query()
+            if query is not None:
+                chosen.update(match_contexts(contexts, query, listing))
+        # QEMU would read trailing bytes as the next option; refuse them.
+        reader.end()
+        order = sorted(chosen, key=lambda i: contexts[i].id)
+        for i in order:
+            cid = 0 if listing else contexts[i].id
             out.append(option_reply(option, Rep.META_CONTEXT,
                                     _U32.pack(cid) + contexts[i].name.encode()))
         if not listing:
             self._meta_export = name
-            self._meta_selected = [(i, contexts[i]) for i in chosen]
+            self._meta_selected = [(contexts[i].id, contexts[i]) for i in order]
         out.append(option_reply(option, Rep.ACK))
         return True
-
-    @staticmethod
-    def _parse_meta_request(data: bytes, what: str) -> tuple[str, list[str]]:
-        inconsistent = _OptionError(Rep.ERR_INVALID, f"Inconsistent lengths in option {what}")
-        if len(data) < 8:
-            raise inconsistent
-        (nlen,) = _U32.unpack_from(data, 0)
-        if nlen > len(data) - 8:
-            raise inconsistent
-        name = data[4:4 + nlen].decode("utf-8", "replace")
-        (count,) = _U32.unpack_from(data, 4 + nlen)
-        pos = 8 + nlen
-        queries = []
-        for _ in range(count):
-            if len(data) - pos < 4:
-                raise inconsistent
-            (qlen,) = _U32.unpack_from(data, pos)
-            pos += 4
-            if qlen > len(data) - pos:
-                raise inconsistent
-            if qlen <= MAX_STRING:
-                queries.append(data[pos:pos + qlen].decode("utf-8", "replace"))
-            pos += qlen
-        if pos != len(data):
-            raise inconsistent
-        return name, queries
 
     def _keep_contexts_for(self, name: str) -> None:
         """Selected contexts only count for the export they were set for."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.node import Node
+from qsd.qmp.commands.bitmaps import dirty_bitmaps_info
 from qsd.qmp.dispatch import command
 
 if TYPE_CHECKING:
@@ -91,4 +92,6 @@ def node_info(node: Node, flat: bool) -> dict[str, Any]:
     info["cache"] = {"writeback": True, "direct": node.cache_direct,
                      "no-flush": node.cache_no_flush}
     info["write_threshold"] = node.write_threshold
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = dirty_bitmaps_info(node)
     return info
