@@ -56,7 +56,7 @@ class SyncBitmap:
         self.mode = mode
         self.successor = DirtyBitmap(None, bitmap.size, bitmap.granularity,
                                      enabled=bitmap.enabled)
-        node.dirty_bitmaps.insert(0, self.successor)
+        node.dirty_bitmaps.append(self.successor)
         bitmap.enabled = False
         bitmap.busy = True
 

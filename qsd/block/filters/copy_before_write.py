@@ -89,7 +89,7 @@ class BlockCopy:
         else:
             self.copy_bitmap.merge_from(bitmap)
         self._bitmap_owner = source.child
-        source.child.dirty_bitmaps.insert(0, self.copy_bitmap)
+        source.child.dirty_bitmaps.append(self.copy_bitmap)
         #: While set, clusters unallocated in the source's top layer are
         #: dropped instead of copied (sync=top's first pass).
         self.skip_unallocated = False
@@ -301,7 +301,7 @@ class CopyBeforeWriteNode(FilterNode):
         self.done_bitmap = DirtyBitmap(None, self.size, cluster, enabled=False)
         self.access_bitmap = self.bcs.copy_bitmap.copy()
         self.access_bitmap.enabled = False
-        self.dirty_bitmaps[:0] = [self.access_bitmap, self.done_bitmap]
+        self.dirty_bitmaps += [self.done_bitmap, self.access_bitmap]
 
     async def close(self) -> None:
         if self.bcs is not None:
