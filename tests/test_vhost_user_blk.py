@@ -24,6 +24,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -421,7 +422,12 @@ def test_memory_slots_and_event_idx(qsd, workdir: Path) -> None:
                 for ids, addrs in heads:
                     assert c.mem.read(addrs[2], 1) == b"\0"
                     q.free.extend(ids)
-            assert c.get_vring_base(0) == 10 and c.get_vring_base(1) == 10
+            # the memory goes away and comes back (hotplug-style): rings follow it
+            region = struct.pack("<QQQQQ", 0, vc.GUEST_BASE, c.mem.size, vc.USER_BASE, 0)
+            c.call(vc.REM_MEM_REG, region, need_reply=True)
+            c.call(vc.ADD_MEM_REG, region, (c.mem.fd,), need_reply=True)
+            assert c.blk(qs[1], vc.T_IN, 0, in_len=4096)[:2] == (0, b"\x11" * 4096)
+            assert c.get_vring_base(0) == 10 and c.get_vring_base(1) == 11
 
 
 # ----- real guests ---------------------------------------------------------------------------------
@@ -465,3 +471,39 @@ def test_guest_two_queues_two_cpus(qsd, workdir: Path, guest) -> None:
     assert r.value("GUEST-MD5") == host_md5(img, "raw")
     assert r.value("GUEST-PAR").split() == [host_md5(img, "raw", 0, SIZE // 2),
                                             host_md5(img, "raw", SIZE // 2)]
+
+
+def test_inherited_socket_and_socket_removed_on_exit(qemu_sd, qsd, workdir: Path) -> None:
+    """addr.type=fd serves a socket the daemon inherited; a unix socket file goes away at exit, as QSD."""
+    make_image(workdir / "d.qcow2", size=MiB)
+    gone = []
+    for name, factory in (("qemu", qemu_sd), ("qsd", qsd)):
+        sock = workdir / f"{name}.sock"
+        d = factory("--blockdev", "driver=file,node-name=f0,filename=d.qcow2", "--export",
+                    f"type=vhost-user-blk,id=v0,node-name=f0,addr.type=unix,addr.path={sock}", wait_for=[sock])
+        d.stop()
+        gone.append(sock.exists())
+    assert gone == [False, False]
+
+    path = workdir / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    fd = listener.fileno()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "qsd", "--blockdev", "driver=file,node-name=f0,filename=d.qcow2",
+                             "--export", f"type=vhost-user-blk,id=v0,node-name=f0,addr.type=fd,addr.str={fd}"],
+                            cwd=workdir, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    listener.close()
+    try:
+        with vc.VhostUserClient(str(path)) as c:
+            c.handshake()
+            q = c.setup_queue(0)
+            status, data, _ = c.blk(q, vc.T_IN, 0, in_len=512)
+            assert (status, data[:4]) == (0, b"QFI\xfb")      # the file node: a qcow2 header
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+        proc.stderr.close()

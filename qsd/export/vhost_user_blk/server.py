@@ -234,14 +234,13 @@ class _Connection:
             if len(self.mem.regions) >= 32:
                 raise ProtocolError("too many memory regions")
             self.mem.add(region)
+            self._remap_rings()
             return True
         if isinstance(req, RemMemReg):
             r = req.region
             await self._quiesce_all()
             removed = self.mem.remove(r.guest_addr, r.size, r.user_addr)
-            for ring in self.rings:
-                if ring.queue is not None:
-                    self._map_ring(ring)
+            self._remap_rings()
             removed.view.release()
             return True
         ring = self.rings[getattr(req, "index", 0)]
@@ -256,8 +255,11 @@ class _Connection:
                 ring.queue.last_avail = req.base
             return True
         if isinstance(req, VringAddr):
+            if ring.tasks:      # completions must land in the ring they came from
+                await asyncio.gather(*ring.tasks, return_exceptions=True)
             ring.addr = req
-            self._map_ring(ring)
+            if self.mem.regions:        # else once the memory table comes
+                self._map_ring(ring)
             return True
         if isinstance(req, GetVringBase):
             return await self._stop_ring(ring)
@@ -290,9 +292,7 @@ class _Connection:
     async def _replace_memory(self, mem: GuestMemory) -> None:
         await self._quiesce_all()
         old, self.mem = self.mem, mem
-        for ring in self.rings:
-            if ring.queue is not None:
-                self._map_ring(ring)
+        self._remap_rings()
         old.close()
 
     async def _quiesce_all(self) -> None:
@@ -300,10 +300,28 @@ class _Connection:
             if ring.tasks:
                 await asyncio.gather(*ring.tasks, return_exceptions=True)
 
+    def _remap_rings(self) -> None:
+        """After a memory change: rings follow their addresses into the new
+        mappings; one whose memory is gone waits (unmapped) for it to come back."""
+        for ring in self.rings:
+            if ring.addr is None:
+                continue
+            try:
+                self._map_ring(ring)
+            except VirtqueueError:
+                if ring.queue is not None:
+                    ring.base = ring.queue.last_avail
+                    ring.queue.unmap()
+                    ring.queue = None
+                continue
+            self._process(ring)
+
     def _map_ring(self, ring: _Ring) -> None:
         """(Re)build the ring's queue from its addresses and the memory table."""
-        if ring.addr is None or not self.mem.regions:
+        if ring.addr is None:
             return
+        if not self.mem.regions:
+            raise VirtqueueError(f"vring {ring.index}: no guest memory")
         features = self.session.features
         old = ring.queue
         if not ring.num:
@@ -313,7 +331,7 @@ class _Connection:
         q.map(self.mem, ring.addr.desc, ring.addr.avail, ring.addr.used)
         if old is not None:
             q.last_avail, q.used_idx = old.last_avail, old.used_idx
-            q._signalled_used = old._signalled_used
+            q.signalled_used = old.signalled_used
             old.unmap()
         else:
             q.last_avail = ring.base
@@ -389,7 +407,7 @@ class _Connection:
                     if device.try_read_inline(req):
                         q.push(chain.head, req.finish(blk.S_OK))
                         continue
-                    task = self.loop.create_task(self._run(ring, q, req))
+                    task = self.loop.create_task(self._run(ring, req))
                     ring.tasks.add(task)
                     task.add_done_callback(ring.tasks.discard)
                 if not q.enable_notifications():
@@ -399,14 +417,15 @@ class _Connection:
             return
         self._publish(ring)
 
-    async def _run(self, ring: _Ring, q: SplitQueue, req: blk.Request) -> None:
+    async def _run(self, ring: _Ring, req: blk.Request) -> None:
         try:
             status = await self.device.execute(req)
         except Exception:       # a driver bug must not take the connection down
             log.exception("vhost-user-blk request of type %d failed", req.type)
             status = blk.S_IOERR
-        if ring.queue is not q:
-            return              # the ring was torn down meanwhile
+        q = ring.queue     # memory changes wait for requests, so this is where it came from
+        if q is None:
+            return
         q.push(req.chain.head, req.finish(status))
         if not ring.publish_scheduled:
             ring.publish_scheduled = True

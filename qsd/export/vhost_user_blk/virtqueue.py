@@ -153,7 +153,7 @@ class SplitQueue:
         self.last_avail = 0
         self.used_idx = 0
         self._pending = 0           # used elements written but not yet published
-        self._signalled_used = 0
+        self.signalled_used = 0
         self.mem: GuestMemory | None = None
         self._desc: memoryview | None = None
 
@@ -186,7 +186,7 @@ class SplitQueue:
     def sync_used(self) -> None:
         """Continue from the used index the ring holds (a restarted ring)."""
         self.used_idx = self._used16[1]
-        self._signalled_used = self.used_idx
+        self.signalled_used = self.used_idx
 
     # ----- available side ----------------------------------------------------
     def has_avail(self) -> bool:
@@ -280,10 +280,10 @@ class SplitQueue:
         if self.event_idx:
             used_event = self._avail[2 + self.num]
             # virtio's vring_need_event, relative to what we last signalled.
-            since = self._signalled_used
+            since = self.signalled_used
             if (new - used_event - 1) & 0xFFFF < (new - since) & 0xFFFF:
-                self._signalled_used = new
+                self.signalled_used = new
                 return True
             return False
-        self._signalled_used = new
+        self.signalled_used = new
         return not self._avail[0] & AVAIL_F_NO_INTERRUPT
