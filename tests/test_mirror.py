@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsd.block.protocols import nbd as nbdc
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU_SD = shutil.which("qemu-storage-daemon")
@@ -409,3 +414,92 @@ def test_mirror_source_error_policies(tmp_path: Path, policy: str) -> None:
                   Wait("JOB_STATUS_CHANGE", "null")]
     steps += [cmd("blockdev-del", node_name="esrc"), cmd("blockdev-del", node_name="et")]
     run_both(tmp_path, setup, steps, images=("et.raw",) if policy != "report" else ())
+
+
+def test_live_migration_into_qemu_nbd_export(tmp_path: Path, qemu_sd: Any, qsd: Any) -> None:
+    """Storage migration: qsd mirrors its disk into an NBD export of the real
+    qemu-storage-daemon (nbd client node as target) while qemu-io keeps
+    writing through qsd's own export; after the pivot the export writes to
+    the remote image, and every write, before, during and after, is there."""
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    subprocess.run(f"qemu-img create -q -f qcow2 {src} 64M && qemu-io -c 'write -P 0x11 32M 8M'"
+                   f" {src} >/dev/null && qemu-img create -q -f qcow2 {dst} 64M",
+                   shell=True, check=True)
+    remote = qemu_sd("--blockdev", f"driver=file,node-name=f,filename={dst}",
+                     "--blockdev", "driver=qcow2,node-name=d,file=f",
+                     "--nbd-server", f"addr.type=unix,addr.path={tmp_path}/remote.sock",
+                     "--export", "type=nbd,id=e,node-name=d,name=dst,writable=on",
+                     wait_for=[tmp_path / "remote.sock"])
+    ours = qsd("--blockdev", f"driver=file,node-name=sf,filename={src}",
+               "--blockdev", "driver=qcow2,node-name=src,file=sf",
+               "--nbd-server", f"addr.type=unix,addr.path={tmp_path}/local.sock",
+               "--export", "type=nbd,id=e,node-name=src,name=src,writable=on",
+               wait_for=[tmp_path / "local.sock"])
+    q = ours.qmp()
+    q.cmd("blockdev-add", driver="nbd", **{"node-name": "tgt"},
+          server={"type": "unix", "path": str(tmp_path / "remote.sock")}, export="dst")
+    writes = []
+    for i in range(192):
+        writes += ["-c", f"write -P {i % 250 + 1} {i * 65536} 64k"]
+        if i % 8 == 7:
+            writes += ["-c", "sleep 20"]
+    url = f"nbd+unix:///src?socket={tmp_path}/local.sock"
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", *writes, url],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        q.cmd("blockdev-mirror", **{"job-id": "m"}, device="src", target="tgt", sync="full")
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        q.cmd("job-complete", id="m")
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert "error" not in ev["data"]
+    finally:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read() if writer.stderr else ""
+    assert q.cmd("query-block-exports")[0]["node-name"] == "tgt"
+    checks = []
+    for i in range(192):
+        checks += ["-c", f"read -P {i % 250 + 1} {i * 65536} 64k"]
+    checks += ["-c", "read -P 0x11 32M 8M", "-c", "read -P 0 12M 20M"]
+    res = subprocess.run(["qemu-io", "-f", "raw", "-r", *checks, url], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res.stdout
+    q.cmd("block-export-del", id="e")
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    ours.stop()
+    remote.stop()
+    res = subprocess.run(["qemu-io", "-r", *checks, str(dst)], capture_output=True, text=True)
+    assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res.stdout
+    assert subprocess.run(["qemu-img", "check", str(dst)], capture_output=True).returncode == 0
+
+
+# ----- the NBD client's parsers of server bytes ------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 1 << 40), st.integers(1, 1 << 25),
+       st.integers(0, 1 << 32))
+def test_nbd_client_parsers_never_crash(data: bytes, offset: int, length: int, ctx: int) -> None:
+    """Hostile bytes: every parser either returns values inside the request
+    or raises NBDProtocolError; nothing else escapes."""
+    for fn in (lambda: nbdc.parse_greeting(data), lambda: nbdc.parse_option_reply(data, 7),
+               lambda: nbdc.parse_chunk_header(data), lambda: nbdc.parse_error_chunk(data)):
+        try:
+            fn()
+        except nbdc.NBDProtocolError:
+            pass
+    try:
+        off, size = nbdc.parse_hole(data, offset, length)
+        assert offset <= off and off + size <= offset + length and size > 0
+    except nbdc.NBDProtocolError:
+        pass
+    try:
+        extents = nbdc.parse_extents(data, ctx, offset, length)
+        assert extents and sum(n for n, _ in extents) <= length
+        assert all(n > 0 for n, _ in extents)
+    except nbdc.NBDProtocolError:
+        pass
+
+
+@given(st.lists(st.tuples(st.integers(1, 1 << 31), st.integers(0, 3)), min_size=1, max_size=20),
+       st.integers(1, 1 << 32))
+def test_nbd_client_extents_clipped(extents: list[tuple[int, int]], length: int) -> None:
+    payload = struct.pack(">I", 9) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+    got = nbdc.parse_extents(payload, 9, 0, length)
+    assert sum(n for n, _ in got) == min(length, sum(n for n, _ in extents))

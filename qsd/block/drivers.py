@@ -8,6 +8,7 @@ import importlib
 DRIVER_MODULES = (
     "qsd.block.protocols.file",
     "qsd.block.protocols.null",
+    "qsd.block.protocols.nbd",
     "qsd.block.formats.raw",
     "qsd.block.formats.qcow2",
     "qsd.block.formats.luks",
