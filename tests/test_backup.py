@@ -88,6 +88,30 @@ class Script:
             pass
         self.seen.clear()
 
+    def nodes(self) -> None:
+        """query-named-block-nodes as far as backups change it: the filter
+        nodes and the nodes with dirty bitmaps, in the listed order (node
+        order and the other members are the graph's and drivers' business)."""
+        msg = {"execute": "query-named-block-nodes", "arguments": {"flat": True}}
+        self.log.append(b"-> " + json.dumps(msg).encode())
+        self.q.send(msg)
+        while True:
+            raw = self.q.recv_raw()
+            reply = json.loads(raw)
+            if "event" not in reply:
+                break
+            self._record(raw)
+        for node in reply["return"]:
+            image = node["image"]
+            view = {"node-name": node["node-name"], "drv": node["drv"], "ro": node["ro"],
+                    "format": image["format"], "cluster-size": image.get("cluster-size"),
+                    "dirty-flag": image.get("dirty-flag"), "dirty-bitmaps": node.get("dirty-bitmaps")}
+            if node["drv"] == "copy-before-write":
+                view["filename"] = image["filename"]
+            elif not node.get("dirty-bitmaps"):
+                continue
+            self.log.append(b"<- " + normalise(json.dumps(view).encode()))
+
     def sh(self, command: str, log: bool = True) -> str:
         res = subprocess.run(command, shell=True, cwd=self.cwd, capture_output=True, timeout=120)
         out = (res.stdout + res.stderr).decode(errors="replace")
@@ -212,6 +236,7 @@ def session_modes(s: Script) -> None:
     s.cmd("blockdev-del", {"node-name": "src"})
     s.io("write -P 0x44 0 64k", "write -P 0x45 12M 32k", "write -z 3M 1M")
     s.cmd("query-block-jobs")
+    s.nodes()
     s.cmd("job-cancel", {"id": "none"}, until=("none", "null"))
     # auto-finalize off: pending until job-finalize
     s.cmd("blockdev-backup", backup("fin", "src", "tb", "full", **{"auto-finalize": False}),

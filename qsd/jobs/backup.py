@@ -16,11 +16,11 @@ Sync modes: ``full`` copies everything (zero areas as zero writes),
 copies nothing itself and only serves the filter until cancelled.
 
 The bitmap (QEMU's successor scheme): while the job runs, the user's bitmap
-is frozen (``busy``, not recording) and a fresh anonymous successor records
-new writes. At the end either the successor's bits replace the bitmap's
-(``on-success`` after success, ``always``; with ``always`` after a failure
-the clusters that were not copied are added back) or they are merged into
-it (``never``, or a failure with ``on-success``).
+is frozen (``busy``) and a fresh anonymous successor records new writes.
+At the end either the successor's bits replace the bitmap's (``on-success``
+after success, ``always``; with ``always`` after a failure the clusters
+that were not copied are added back) or they are merged into it
+(``never``, or a failure with ``on-success``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class SyncBitmap:
         self.successor = DirtyBitmap(None, bitmap.size, bitmap.granularity,
                                      enabled=bitmap.enabled)
         node.dirty_bitmaps.append(self.successor)
-        bitmap.enabled = False
+        # The bitmap stays enabled when it was, as QEMU reports it (recording
+        # through its successor); whatever it records meanwhile is also in the
+        # successor, which is all that counts at the end.
         bitmap.busy = True
 
     def _take_successor_place(self) -> None:

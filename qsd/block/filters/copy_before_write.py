@@ -263,6 +263,8 @@ class CopyBeforeWriteNode(FilterNode):
     """Filter over ``file`` copying old data to ``target`` before changes."""
 
     driver = "copy-before-write"
+    #: QSD lists dirty-flag for it (the filter answers get_info through its child).
+    reports_dirty_flag = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
