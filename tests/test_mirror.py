@@ -416,11 +416,16 @@ def test_mirror_source_error_policies(tmp_path: Path, policy: str) -> None:
     run_both(tmp_path, setup, steps, images=("et.raw",) if policy != "report" else ())
 
 
-def test_live_migration_into_qemu_nbd_export(tmp_path: Path, qemu_sd: Any, qsd: Any) -> None:
-    """Storage migration: qsd mirrors its disk into an NBD export of the real
-    qemu-storage-daemon (nbd client node as target) while qemu-io keeps
-    writing through qsd's own export; after the pivot the export writes to
-    the remote image, and every write, before, during and after, is there."""
+@pytest.mark.parametrize("direction", ["qsd-to-qemu", "qemu-to-qsd"])
+def test_live_migration_over_nbd(tmp_path: Path, qemu_sd: Any, qsd: Any, direction: str) -> None:
+    """Storage migration: one daemon mirrors its disk into an NBD export of
+    the other (an nbd client node as target) while qemu-io keeps writing
+    through the source daemon's own export; after the pivot the export
+    writes to the remote image, and every write, before, during and after,
+    is there.  Both directions: qsd's nbd client against QSD's server, and
+    QSD's client against qsd's server."""
+    if direction == "qemu-to-qsd":
+        qemu_sd, qsd = qsd, qemu_sd
     src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
     subprocess.run(f"qemu-img create -q -f qcow2 {src} 64M && qemu-io -c 'write -P 0x11 32M 8M'"
                    f" {src} >/dev/null && qemu-img create -q -f qcow2 {dst} 64M",
