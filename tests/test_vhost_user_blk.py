@@ -152,6 +152,10 @@ def conversation(path: Path, lbs: int) -> dict:
             "config": c.get_config(60),
             "config-sizes": [len(c.get_config(n)) for n in (1, 8, 59, 61, 64)],
         }
+        # the guest's cache mode (the only writable field), and a write elsewhere
+        result["set-wce"] = c.call(vc.SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\1", need_reply=True)
+        result["wce"] = c.get_config(60)[32]
+        result["set-wce-0"] = c.call(vc.SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\0", need_reply=True)
         c.call(vc.SET_OWNER)
         want = offered & (vc.F_VERSION_1 | vc.F_PROTOCOL_FEATURES | vc.F_EVENT_IDX | vc.F_INDIRECT | 0x7FFF)
         c.call(vc.SET_FEATURES, struct.pack("<Q", want))
@@ -160,6 +164,9 @@ def conversation(path: Path, lbs: int) -> dict:
         q = c.setup_queue(0)
         result["requests"] = battery(c, q, lbs)
         result["vring-base"] = c.get_vring_base(0)
+        # a read-only field: QSD drops the front-end
+        c.send(vc.SET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(8), flags=vc.VERSION | vc.F_NEED_REPLY)
+        result["set-capacity-drops"] = c.wait_closed()
     return result
 
 

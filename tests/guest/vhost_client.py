@@ -243,10 +243,16 @@ class VhostUserClient:
             return True
 
     def wait_closed(self, timeout: float = 10.0) -> bool:
+        """True once the back-end closes the socket (anything it still sends is discarded)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.peer_closed(0.05):
-                return True
+            r, _, _ = select.select([self.sock], [], [], 0.05)
+            if r:
+                try:
+                    if not self.sock.recv(4096):
+                        return True
+                except (ConnectionResetError, BrokenPipeError):
+                    return True
         return False
 
     # ----- messages ----------------------------------------------------------

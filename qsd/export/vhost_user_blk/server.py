@@ -273,7 +273,9 @@ class _Connection:
             return True
         if isinstance(req, SetConfig):
             if req.offset != _WCE_OFFSET or len(req.data) != 1:
-                return False
+                # Only the cache mode is writable; QSD drops the front-end too.
+                raise ProtocolError(f"SET_CONFIG of {len(req.data)} bytes at offset {req.offset} "
+                                    "(only the writeback field is writable)")
             self.wce = req.data[0]
             self.device.writethrough = not self.wce     # the guest's cache mode wins
             return True
