@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qsd.block.node import Node
+from qsd.block.node import Node, Perm
 from qsd.qmp.commands.bitmaps import dirty_bitmaps_info
 from qsd.qmp.dispatch import command
+from qsd.qmp.errors import GenericError
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
@@ -22,6 +23,28 @@ async def blockdev_add(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]
 @command("blockdev-del")
 async def blockdev_del(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     await daemon.graph.delete(args["node-name"])
+    return {}
+
+
+@command("block_resize")
+async def block_resize(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    """Resize through a temporary user that takes the resize permission,
+    inside a drained section, as QEMU's qmp_block_resize."""
+    device, name, size = args.get("device"), args.get("node-name"), args["size"]
+    node = daemon.graph.lookup(name) if name is not None else None
+    if node is None:
+        raise GenericError(f"Cannot find device='{device or ''}' nor node-name='{name or ''}'")
+    if size < 0:
+        raise GenericError("Parameter 'size' expects a >0 size")
+    edge = await daemon.graph.attach_user(node, "an unnamed block device", Perm.RESIZE,
+                                          Perm.all())
+    try:
+        async with daemon.graph.drained(node):
+            if node.read_only:
+                raise GenericError("Image is read-only")
+            await node.truncate(size)
+    finally:
+        await daemon.graph.detach(edge)
     return {}
 
 

@@ -167,8 +167,9 @@ async def _grow(ctx: "CreateContext", cls: type["Qcow2Node"], file: Node, data: 
         if data is not None and (options.get("data-file-raw", False) or prealloc != "off"):
             await data.truncate(size, prealloc=prealloc if prealloc != "metadata" else "off")
         if prealloc != "off":
-            await _preallocate(node, prealloc, data is not None,
-                               bool(options.get("backing-file")))
+            await preallocate(node, prealloc, data is not None,
+                              bool(options.get("backing-file")))
+            await node.flush()
         if options.get("encrypt") is not None:
             # Last, as QEMU does: the LUKS header follows the L1 table and
             # any preallocated clusters.
@@ -178,15 +179,18 @@ async def _grow(ctx: "CreateContext", cls: type["Qcow2Node"], file: Node, data: 
         await ctx.graph.close_node(node)
 
 
-async def _preallocate(node: "Qcow2Node", mode: str, data_file: bool, backing: bool) -> None:
-    """Allocate every guest cluster (one batch per L2 table); ``falloc`` and
-    ``full`` also reserve or write the host space."""
+async def preallocate(node: "Qcow2Node", mode: str, data_file: bool, backing: bool,
+                      start: int = 0) -> None:
+    """Allocate every guest cluster from the one at ``start`` on (one batch
+    per L2 table); ``falloc`` and ``full`` also reserve or write the host
+    space. The caller flushes (create) or holds the node lock (resize)."""
     cs = node.cs
     clusters = -(-node.size // cs)
     bitmap = 0 if backing else BITMAP_ALL_ALLOC
     end = 0
-    for first in range(0, clusters, node.l2_entries):
-        n = min(node.l2_entries, clusters - first)
+    first = start // cs
+    while first < clusters:
+        n = min(node.l2_entries - first % node.l2_entries, clusters - first)
         if data_file:
             base = first * cs
         else:
@@ -200,6 +204,6 @@ async def _preallocate(node: "Qcow2Node", mode: str, data_file: bool, backing: b
                     await node.file_node.write(off, zeroes[:base + n * cs - off])
         for i in range(n):
             await node.set_entry((first + i) * cs, (base + i * cs) | OFLAG_COPIED, bitmap)
-    await node.flush()
+        first += n
     if end > node.file_node.size:
         await node.file_node.truncate(end)

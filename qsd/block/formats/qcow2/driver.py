@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd.block.formats.qcow2 import snapshot
 from qsd.block.formats.qcow2.bitmaps import BitmapStore, check_constraints
-from qsd.block.formats.qcow2.create import create_image
+from qsd.block.formats.qcow2.create import create_image, preallocate
 from qsd.block.formats.qcow2.crypt import Qcow2Crypto, check_format_option, open_crypto
 from qsd.block.formats.qcow2.cluster import (
     BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
@@ -862,27 +862,109 @@ class Qcow2Node(ClusterMap, Node):
         await super().flush()
 
     async def drv_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        if prealloc != "off":
-            raise GenericError(f"Unsupported preallocation mode: {prealloc}")
+        """Grow or shrink as QEMU's qcow2_co_truncate: shrinking drops the
+        clusters past the new end (their L2 entries, then L2 tables no longer
+        reached, then the file's unused tail); growing makes room in the L1
+        table and preallocates the new part when asked."""
+        if prealloc not in ("off", "metadata", "falloc", "full"):
+            raise GenericError(f"Unsupported preallocation mode '{prealloc}'")
         if size % 512:
             raise GenericError("The new size must be a multiple of 512")
-        h = self.header
-        if size < h.size:
-            raise GenericError("qcow2 images cannot be shrunk by qsd")
         self._check_writable()
+        h = self.header
         async with self._lock:
+            await self.wait_overwrites()
             if h.nb_snapshots and h.version < 3:
-                raise GenericError("Can't resize a v2 image which has internal snapshots")
-            needed = h.l1_entries_needed(size)
-            if needed > len(self.l1):
-                await self.refcounts.apply_frees()
-                await self.write_back_metadata()
-                await self.grow_l1(needed)
-            if h.autoclear & AUTOCLEAR_DATA_FILE_RAW:
-                await self.data_node.truncate(size, exact, prealloc)
-            h.size = size
+                raise GenericError("Can't resize a v2 image which has snapshots")
+            self._truncate_bitmaps_check()
+            old = h.size
+            if size < old:
+                if prealloc != "off":
+                    raise GenericError("Preallocation can't be used for shrinking an image")
+                await self._shrink(size)
+            else:
+                needed = h.l1_entries_needed(size)
+                if needed > len(self.l1):
+                    await self.refcounts.apply_frees()
+                    await self.write_back_metadata()
+                    try:
+                        await self.grow_l1(needed)
+                    except OSError as e:
+                        raise GenericError("Failed to grow the L1 table: "
+                                           f"{os.strerror(e.errno or errno.EIO)}") from None
+            self.size = h.size = size
+            if prealloc == "off":
+                if self.has_data_file and (exact or h.autoclear & AUTOCLEAR_DATA_FILE_RAW):
+                    await self.data_node.truncate(size, exact, prealloc)
+            elif size > old:
+                if self.has_data_file:
+                    await self.data_node.truncate(
+                        size, exact, "off" if prealloc == "metadata" else prealloc)
+                await preallocate(self, prealloc, self.has_data_file,
+                                  self.backing_node is not None, start=-(-old // self.cs) * self.cs)
+                await self._flush_metadata()
             await self.write_header()
-            self.size = size
+            await self.file_node.flush()
+
+    def _truncate_bitmaps_check(self) -> None:
+        """QEMU refuses to resize while a stored bitmap cannot follow."""
+        for sb in self.bitmap_store.stored:
+            bm = next((b for b in self.dirty_bitmaps if b.name == sb.name), None)
+            if bm is None:
+                raise GenericError("Cannot resize qcow2 with persistent bitmaps that were not "
+                                   "loaded into memory")
+            if bm.busy:
+                raise GenericError(f"Bitmap '{bm.name}' is currently in use by another "
+                                   "operation and cannot be used")
+            if bm.readonly:
+                raise GenericError(f"Bitmap '{bm.name}' is readonly and cannot be modified")
+            if bm.inconsistent:
+                raise GenericError(f"Bitmap '{bm.name}' is inconsistent and cannot be used")
+
+    async def _shrink(self, size: int) -> None:
+        cs = self.cs
+        start = -(-size // cs) * cs
+        pos = start
+        end = self.header.size
+        while pos < end:  # drop the entries past the end, one L2 table at a time
+            stop = self._span_end(pos, end)
+            l1_index = pos >> self.cbits
+            l1_index //= self.l2_entries
+            if self._l2_offset(l1_index):
+                for c_start in range(pos, stop, cs):
+                    cluster = c_start >> self.cbits
+                    table = await self.l2_cache.get(self._l2_offset(l1_index))
+                    entry, bitmap = self.entry_pair(table, cluster % self.l2_entries)
+                    if entry or bitmap:
+                        await self.set_entry(c_start, 0, 0)
+                        self.free_entry(entry)
+            pos = stop
+        await self.refcounts.apply_frees()
+        await self.write_back_metadata()
+        # L2 tables that now map nothing but the cropped part go away.
+        first_unused = self.header.l1_entries_needed(size)
+        for i in range(first_unused, len(self.l1)):
+            off = self._l2_offset(i)
+            if off:
+                await self.set_l1(i, 0)
+                self.l2_cache.discard(off)
+                self.remove_metadata(off, cs)
+                self.refcounts.free(off, 1)
+        await self.file_node.flush()
+        await self.refcounts.apply_frees()
+        await self.write_back_metadata()
+        await self.file_node.flush()
+        # The file keeps nothing past its last used cluster.
+        last = -(-self.file_end() // cs) - 1
+        while last >= 0 and not await self.refcounts.get(last):
+            last -= 1
+        if (last + 1) * cs < self.file_end():
+            try:
+                await self.file_node.truncate((last + 1) * cs)
+            except QMPError as e:
+                os.write(2, "qemu-storage-daemon: warning: Failed to truncate the tail of the "
+                            f"image: {e.desc}\n".encode())
+            self.refcounts.zero_from = min(self.refcounts.zero_from, last + 1)
 
     # ----- block status ----------------------------------------------------
     async def block_status(self, offset: int, length: int) -> list[Extent]:
