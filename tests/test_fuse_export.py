@@ -145,6 +145,10 @@ WRITABLE_COMMON = [
     "md5sum mnt.raw",
 ]
 
+# Image locks while exported: the export takes RESIZE when writable or growable.
+LOCKS = ["qemu-img info -f raw img.raw | head -1", "qemu-io -f raw -c 'read 0 512' img.raw | head -1",
+         "qemu-io -r -f raw -c 'read 0 512' img.raw | head -1", "qemu-img resize -f raw img.raw 2M"]
+
 # Resizing, on nodes that can shrink and preallocate (qcow2 in qsd cannot yet).
 RESIZING = [
     "truncate -s 2M mnt.raw; stat -c '%s %b' mnt.raw; qemu-img info -f raw mnt.raw | grep 'virtual size'",
@@ -206,7 +210,7 @@ def test_raw_writable_session(qemu_sd: Any, qsd: Any, workdir: Path, require_too
     require_tool("fallocate")
     q, o = differential(qemu_sd, qsd, workdir, "raw",
                         "type=fuse,id=e0,node-name=d0,mountpoint=mnt.raw,writable=on",
-                        ["stat -c %b mnt.raw", *WRITABLE_COMMON, *RESIZING], BAD_MOUNTPOINTS)
+                        ["stat -c %b mnt.raw", *WRITABLE_COMMON, *RESIZING, *LOCKS], BAD_MOUNTPOINTS)
     assert (q / "img.raw").read_bytes() == (o / "img.raw").read_bytes()
 
 
@@ -237,13 +241,14 @@ def test_growable_session(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
                  ["dd if=pat.bin of=mnt.raw bs=4k seek=256 count=3 conv=notrunc status=none; stat -c %s mnt.raw",
                   "dd if=pat.bin of=mnt.raw bs=1000 seek=2000 count=1 conv=notrunc status=none; stat -c %s mnt.raw",
                   "qemu-io -f raw -c 'write -P 0x77 3M 4096' mnt.raw | head -1; stat -c %s mnt.raw",
-                  "md5sum mnt.raw"])
+                  "md5sum mnt.raw", *LOCKS])
 
 
 @needs_fuse
-def test_read_only_session(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
-    """A read-only export: mode 0400, every change refused with QSD's errno."""
-    differential(qemu_sd, qsd, workdir, "qcow2", "type=fuse,id=e0,node-name=d0,mountpoint=mnt.raw",
+@pytest.mark.parametrize("growable", ["", ",growable=on"], ids=["plain", "growable"])
+def test_read_only_session(qemu_sd: Any, qsd: Any, workdir: Path, growable: str) -> None:
+    """A read-only export (growable or not): mode 0400, every change refused with QSD's errno."""
+    differential(qemu_sd, qsd, workdir, "raw", "type=fuse,id=e0,node-name=d0,mountpoint=mnt.raw" + growable,
                  ["stat -c '%F %s %a' mnt.raw",
                   "qemu-io -f raw -r -c 'read -P 0 0 64k' mnt.raw",
                   "dd if=pat.bin of=mnt.raw bs=4k count=1 conv=notrunc status=none",
@@ -252,7 +257,7 @@ def test_read_only_session(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
                   "fallocate -o 1M -l 4096 mnt.raw",
                   "chmod 644 mnt.raw; chmod 444 mnt.raw; stat -c %a mnt.raw; chmod 400 mnt.raw",
                   "chown 5:6 mnt.raw; stat -c '%u %g' mnt.raw",
-                  "md5sum mnt.raw"],
+                  "md5sum mnt.raw", *LOCKS],
                  [("block-export-add", {"type": "fuse", "id": "e1", "node-name": "d0", "mountpoint": "mnt.raw",
                                         "writable": True}),
                   ("block-export-del", {"id": "e0", "mode": "hard"})])
