@@ -139,7 +139,7 @@ def differential(qemu_sd: Callable[..., Daemon], qsd: Callable[..., Daemon], wor
         script = Script(daemon)
         try:
             session(script)
-        except (TimeoutError, EOFError) as err:
+        except (TimeoutError, EOFError, OSError) as err:
             tail = b"\n".join(script.log[-30:]).decode(errors="replace")
             pytest.fail(f"{kind}: {err!r} after:\n{tail}\nstderr: {daemon.stderr()[-3000:]}")
         finally:
@@ -283,6 +283,87 @@ def session_writes_during_backup(s: Script) -> None:
 
 def test_guest_writes_during_backup_keep_old_data(qemu_sd, qsd, workdir: Path) -> None:
     theirs, ours = differential(qemu_sd, qsd, workdir, SETUP, session_writes_during_backup)
+    compare(theirs / "tf.qcow2", ours / "tf.qcow2")
+    compare(theirs / "src.qcow2", ours / "src.qcow2")
+
+
+INFO = ("qemu-img info --output=json {} | python3 -c 'import json, sys; i = json.load(sys.stdin); "
+        "print(i[\"format\"], i[\"virtual-size\"], i.get(\"backing-filename\"), i.get(\"cluster-size\"))'")
+
+
+def session_drive_backup(s: Script) -> None:
+    """drive-backup creates (or opens) the target file itself."""
+    s.cmd("blockdev-add", qcow2("src", "src.qcow2"))
+    s.cmd("blockdev-add", qcow2("top", "top.qcow2", backing=True))
+    s.cmd("blockdev-add", {"driver": "raw", "node-name": "rawsrc",
+                           "file": {"driver": "file", "filename": "raw.img"}})
+    s.cmd("drive-backup", backup("d1", "src", "d-full.qcow2", "full"), until=("d1", "null"))
+    s.cmd("drive-backup", backup("d2", "top", "d-top.qcow2", "top"), until=("d2", "null"))
+    s.cmd("drive-backup", backup("d3", "src", "d-raw.img", "full", format="raw"),
+          until=("d3", "null"))
+    s.cmd("drive-backup", backup("d4", "rawsrc", "d-rawsrc.img", "full"), until=("d4", "null"))
+    s.cmd("drive-backup", backup("d5", "src", "tf.qcow2", "full", mode="existing"),
+          until=("d5", "null"))
+    # sync=none: the new image's backing file is the device (image fleecing)
+    s.cmd("drive-backup", backup("dn", "src", "d-none.qcow2", "none"))
+    s.cmd("query-block-jobs")
+    s.cmd("job-cancel", {"id": "dn"}, until=("dn", "null"))
+    s.cmd("drive-backup", backup("d6", "src", "nope.qcow2", "full", mode="existing"))
+    s.cmd("drive-backup", backup("d7", "src", "d-x.img", "full", format="nosuchfmt"))
+    s.cmd("drive-backup", backup("d8", "nope", "d-y.img", "full"))
+    s.cmd("drive-backup", backup("d9", "src", "small.qcow2", "full", mode="existing"))
+    s.cmd("drive-backup", backup("1d", "src", "d-z.qcow2", "full"))
+    s.cmd("query-jobs")
+    for name in ("src", "top", "rawsrc"):
+        s.cmd("blockdev-del", {"node-name": name})
+    for f in ("d-full.qcow2", "d-top.qcow2", "d-raw.img", "d-rawsrc.img", "d-z.qcow2", "d-none.qcow2"):
+        s.sh(INFO.format(f))
+    s.sh("qemu-img compare orig.qcow2 d-full.qcow2 && qemu-img compare orig.qcow2 d-raw.img"
+         " && qemu-img compare top.qcow2 d-top.qcow2 && qemu-img compare raw.img d-rawsrc.img"
+         " && qemu-img compare orig.qcow2 tf.qcow2 && qemu-img check -q d-full.qcow2"
+         " && qemu-img check -q d-top.qcow2 && echo same")
+
+
+def test_drive_backup_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    setup = SETUP + (" && qemu-img create -q -f raw raw.img 4M"
+                     " && qemu-io -f raw -c 'write -P 0x66 1M 1M' raw.img >/dev/null")
+    theirs, ours = differential(qemu_sd, qsd, workdir, setup, session_drive_backup)
+    for name in ("d-full.qcow2", "d-top.qcow2", "d-raw.img", "tf.qcow2"):
+        compare(theirs / name, ours / name)
+
+
+def session_cbw_node(s: Script) -> None:
+    """copy-before-write added by the user (image fleecing): writes through
+    it first copy the old clusters to the target; errors of the options."""
+    s.cmd("blockdev-add", qcow2("src", "src.qcow2"))
+    s.cmd("blockdev-add", qcow2("tf", "tf.qcow2"))
+    s.cmd("blockdev-add", qcow2("small", "small.qcow2"))
+    s.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
+    for extra in ({"bitmap": {"node": "src", "name": "nope"}},
+                  {"bitmap": {"node": "nope", "name": "b0"}},
+                  {"target": "nope"}, {"node-name": "1x"}):
+        s.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "fl", "file": "src",
+                               "target": "tf", **extra})
+    s.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "fl", "file": "src",
+                           "target": "tf", "on-cbw-error": "break-snapshot", "cbw-timeout": 30})
+    s.nodes()
+    s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}})
+    s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "fl", "writable": True})
+    s.io("write -P 0x71 0 64k", "write -P 0x72 5M 8k", "write -z 12M 1M", "discard 2M 64k",
+         export="fl")
+    s.io("write -P 0x73 0 64k", export="fl")           # copied once: the target keeps 0x11
+    s.nodes()
+    s.cmd("block-export-del", {"id": "e"})
+    for name in ("fl", "tf", "src", "small"):
+        s.cmd("blockdev-del", {"node-name": name})
+    s.sh("qemu-io -c 'read -P 0x11 0 64k' -c 'read -P 0 5M 64k' -c 'read -P 0x12 12M 64k'"
+         " -c 'read -P 0x11 2M 64k' tf.qcow2 | grep -v ops")
+    s.sh("qemu-io -c 'read -P 0x73 0 64k' -c 'read -P 0x72 5M 8k' -c 'read -P 0 12M 1M'"
+         " src.qcow2 | grep -v ops")
+
+
+def test_user_created_cbw_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    theirs, ours = differential(qemu_sd, qsd, workdir, SETUP, session_cbw_node)
     compare(theirs / "tf.qcow2", ours / "tf.qcow2")
     compare(theirs / "src.qcow2", ours / "src.qcow2")
 

@@ -93,7 +93,8 @@ def test_grouped_completion_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
 
 
 #: blkdebug's read_aio event comes from the raw format (as in QEMU).
-ERROR_SETUP = SETUP + " && qemu-img create -q -f qcow2 tx.qcow2 16M && qemu-img convert -O raw src.qcow2 src.raw"
+ERROR_SETUP = SETUP + (" && qemu-img create -q -f qcow2 tx.qcow2 16M"
+                       " && qemu-img convert -O raw src.qcow2 src.raw")
 
 
 def session_grouped_failure(s: Script) -> None:

@@ -355,9 +355,14 @@ class CopyBeforeWriteNode(FilterNode):
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                                fua: bool = False, no_fallback: bool = False) -> None:
         await self._copy_old(offset, length)
+        may_unmap = may_unmap and self.discard_mode == "unmap"
         await self.filtered.write_zeroes(offset, length, may_unmap, fua, no_fallback)
 
     async def drv_discard(self, offset: int, length: int) -> None:
+        """Like any QEMU node, it drops discards unless opened with
+        discard=unmap (a backup's filter is not: discards wait for its end)."""
+        if self.discard_mode != "unmap":
+            return
         await self._copy_old(offset, length)
         await self.filtered.discard(offset, length)
 
