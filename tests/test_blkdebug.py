@@ -137,6 +137,7 @@ def test_rules_arm_on_events_and_respect_states() -> None:
     node.debug_event("read_aio")
     assert _fails(node, iotype="write") == errno.ENOSPC
     assert _fails(node) == 0                # once: gone
+    node._parent_write_gen += 1            # the parent has something to flush
     node.debug_event("flush_to_disk")
     assert _fails(node) == 0                # only flushes
     assert _fails(node, 0, 0, "flush") == errno.EIO
@@ -279,3 +280,55 @@ def test_random_configs_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> No
     mismatches = [(names[i], (workdir / names[i]).read_bytes(), a, b)
                   for i, (a, b) in enumerate(zip(replies["q"], replies["o"])) if a != b]
     assert not mismatches
+
+
+# Rules at work through an NBD export, with blkdebug exported directly (only
+# the block layer's own events fire) or under a raw format (read_aio/write_aio
+# too). Reads fail with EIO here: QSD drops the connection when a read fails,
+# so its clients only ever see EIO for reads.
+RUNTIME_CASES = {
+    "pwritev": (b'[inject-error]\nevent = "pwritev"\niotype = "write"\nerrno = "28"\n', False,
+                ["read 0 512", "write 0 512", "write -z 0 4k", "read 0 512", "write 4k 512"]),
+    "states": (b'[set-state]\nevent = "write_aio"\nstate = "1"\nnew_state = "2"\n'
+               b'[inject-error]\nevent = "read_aio"\nstate = "2"\nerrno = "5"\n', True,
+               ["read 0 512", "write 0 512", "read 0 512", "read 0 512"]),
+    "sector": (b'[inject-error]\nevent = "read_aio"\nsector = "9"\n', True,
+               ["read 0 4k", "read 4k 4k", "read 0 4k", "read 4608 512"]),
+    "zeroes": (b'[inject-error]\nevent = "pwritev_zero"\nerrno = "5"\niotype = "write-zeroes"\n', True,
+               ["write -z 0 4k", "write 0 4k", "write -z 0 4k", "discard 0 4k"]),
+    "flush": (b'[inject-error]\nevent = "flush_to_disk"\niotype = "flush"\nerrno = "5"\n', True,
+              ["write 0 4k", "flush", "read 0 512;flush", "write 0 4k;flush"]),
+    "discard": (b'[inject-error]\nevent = "write_aio"\niotype = "discard"\nerrno = "1"\n', True,
+                ["discard 0 4k", "write 0 4k", "discard 0 4k", "write 0 4k"]),
+    "immediately": (b'[inject-error]\nevent = "read_aio"\nimmediately = "on"\nonce = "on"\n', True,
+                    ["read 0 512", "read 0 512"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNTIME_CASES))
+def test_rules_at_work_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path, case: str) -> None:
+    config, under_raw, commands = RUNTIME_CASES[case]
+    (workdir / "r.cfg").write_bytes(config)
+    results = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        (workdir / "disk.img").write_bytes(bytes(1 << 20))
+        sock = workdir / f"{tag}-nbd.sock"
+        top = "r0" if under_raw else "b0"
+        raw = ["--blockdev", "driver=raw,node-name=r0,file=b0,discard=unmap"] if under_raw else []
+        daemon = factory("--blockdev", "driver=file,node-name=f0,filename=disk.img,locking=off,discard=unmap",
+                         "--blockdev", "driver=blkdebug,node-name=b0,config=r.cfg,image=f0,discard=unmap", *raw,
+                         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                         "--export", f"type=nbd,id=e0,node-name={top},writable=on", qmp=False, wait_for=[sock])
+        out = []
+        for cmd in commands:
+            # Commands joined by ";" run in one qemu-io process, one connection.
+            args = [arg for part in cmd.split(";") for arg in ("-c", part)]
+            res = subprocess.run(["qemu-io", "-f", "raw", *args, f"nbd+unix:///{top}?socket={sock}"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [line for line in res.stdout.splitlines() if not line.startswith(("0", "1", "2", "3", "4",
+                                                                                      "5", "6", "7", "8", "9"))]
+            out.append((cmd, res.returncode, lines or [res.stderr.strip()]))
+        daemon.stop()
+        results[tag] = out
+    assert results["o"] == results["q"]
+    assert any(rc for _, rc, _ in results["q"])      # every case makes something fail

@@ -391,7 +391,20 @@ class BlkdebugNode(FilterNode):
         return perm | self.take_perms, shared & ~self.unshare_perms
 
     # ----- events and rules -------------------------------------------------------
+    #: Writes done and writes flushed (QEMU's write_gen/flushed_gen): a flush
+    #: with nothing new to flush does nothing. The parent keeps its own pair
+    #: (it fires flush_to_disk only when it has something to flush), which
+    #: follows ours: its writes are the ones that reach us.
+    _write_gen = 0
+    _flushed_gen = 0
+    _parent_write_gen = 0
+    _parent_flushed_gen = 0
+
     def debug_event(self, event: str) -> None:
+        if event == "flush_to_disk":
+            if self._parent_write_gen == self._parent_flushed_gen:
+                return
+            self._parent_flushed_gen = self._parent_write_gen
         new_state = self.state
         activated: list[Rule] | None = None
         # QEMU walks an event's rules newest first and puts each at the head
@@ -435,21 +448,54 @@ class BlkdebugNode(FilterNode):
 
     async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                         fua: bool = False) -> None:
-        await self._check(offset, data.nbytes if isinstance(data, memoryview) else len(data), "write")
-        await self.filtered.write(offset, data, fua)
+        try:
+            await self._check(offset, data.nbytes if isinstance(data, memoryview) else len(data),
+                              "write")
+            await self.filtered.write(offset, data)
+        finally:
+            self._written()
+        if fua:
+            await self._emulate_fua()
 
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                                fua: bool = False, no_fallback: bool = False) -> None:
-        await self._check(offset, length, "write-zeroes")
-        await self.filtered.write_zeroes(offset, length, may_unmap, fua, no_fallback)
+        try:
+            await self._check(offset, length, "write-zeroes")
+            await self.filtered.write_zeroes(offset, length, may_unmap, False, no_fallback)
+        finally:
+            self._written()
+        if fua:
+            await self._emulate_fua()
 
     async def drv_discard(self, offset: int, length: int) -> None:
-        await self._check(offset, length, "discard")
-        await self.filtered.discard(offset, length)
+        try:
+            await self._check(offset, length, "discard")
+            await self.filtered.discard(offset, length)
+        finally:
+            self._written()
+
+    def _written(self) -> None:
+        self._write_gen += 1
+        self._parent_write_gen += 1
+
+    async def _emulate_fua(self) -> None:
+        """Neither blkdebug nor a format above it does FUA itself: QEMU
+        follows the write with a flush of this node (which the rules see)
+        and then with one of the parent, which fires its flush events here."""
+        await self.flush()
+        if any(edge.parent is not None for edge in self.parents):
+            self.debug_event("flush_to_os")
+            self.debug_event("flush_to_disk")
 
     async def flush(self) -> None:
+        """Flush what was written since the last successful flush (QEMU
+        skips the driver's flush when there is nothing new)."""
+        gen = self._write_gen
+        if gen == self._flushed_gen:
+            return
         await self._check(0, 0, "flush")
         await self.filtered.flush()
+        self._flushed_gen = gen
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         await self._check(offset, length, "block-status")
