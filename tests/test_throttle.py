@@ -355,3 +355,32 @@ def test_throttle_node_info_same_as_qsd(qemu_sd: Any, qsd: Any) -> None:
     theirs = run_session(their, session)
     ours = run_session(qsd(), session)
     assert ours == theirs
+
+
+def test_data_through_throttled_export(qsd: Any, workdir: Any) -> None:
+    """Requests through a throttle node over NBD are queued, not refused,
+    and carry their data (several nodes in one group)."""
+    import subprocess
+
+    (workdir / "a.img").write_bytes(bytes(4 << 20))
+    (workdir / "b.img").write_bytes(bytes(4 << 20))
+    sock = workdir / "nbd.sock"
+    daemon = qsd("--object", "throttle-group,id=tg,limits.iops-total=200,limits.bps-total=33554432",
+                 "--blockdev", "driver=file,node-name=fa,filename=a.img",
+                 "--blockdev", "driver=file,node-name=fb,filename=b.img",
+                 "--blockdev", "driver=throttle,node-name=ta,throttle-group=tg,file=fa",
+                 "--blockdev", "driver=throttle,node-name=tb,throttle-group=tg,file=fb",
+                 "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                 "--export", "type=nbd,id=ea,node-name=ta,writable=on",
+                 "--export", "type=nbd,id=eb,node-name=tb,writable=on", wait_for=[sock])
+    procs = [subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P {p} 0 2M", "-c", f"read -P {p} 0 2M",
+                               "-c", "write -z 2M 1M", f"nbd+unix:///{name}?socket={sock}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, p in (("ta", "0x5a"), ("tb", "0xa5"))]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert all("Pattern verification failed" not in out for out, _ in outs)
+    assert daemon.qmp().cmd("qom-get", path="/objects/tg", property="limits")["iops-total"] == 200
+    daemon.stop()
+    assert (workdir / "a.img").read_bytes()[:2 << 20] == b"\x5a" * (2 << 20)
+    assert (workdir / "b.img").read_bytes()[:2 << 20] == b"\xa5" * (2 << 20)
