@@ -368,6 +368,27 @@ def test_user_created_cbw_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
     compare(theirs / "src.qcow2", ours / "src.qcow2")
 
 
+def session_running_jobs(s: Script) -> None:
+    """New backups of a device a backup already works on: the transaction's
+    drain pauses the running job, the device's drain keeps it paused until
+    the new jobs run; the filters stack up; quit cancels what is left."""
+    for name in ("src", "tf", "tn", "tb"):
+        s.cmd("blockdev-add", qcow2(name, f"{name}.qcow2"))
+    s.cmd("blockdev-backup", backup("one", "src", "tf", "full", speed=64 << 10))
+    s.cmd("transaction", {"actions": [
+        {"type": "blockdev-backup", "data": backup("g1", "src", "tn", "full", speed=64 << 10)},
+        {"type": "blockdev-backup", "data": backup("g2", "src", "tb", "none")}],
+        "properties": {"completion-mode": "grouped"}})
+    s.nodes()
+    s.sh("sleep 0.3", log=False)
+    s.cmd("job-cancel", {"id": "g2"}, until=("g1", "null"))
+    s.cmd("quit")
+
+
+def test_backups_of_a_busy_device_match_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    differential(qemu_sd, qsd, workdir, SETUP, session_running_jobs)
+
+
 # --------------------------------------------------------------------------------------------------
 # BlockCopy on its own (no daemon): the copy-once rule between the guest path and the job
 

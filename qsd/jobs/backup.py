@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.bitmap import DirtyBitmap
@@ -127,20 +128,16 @@ class BackupJob(TxnJobMixin, BlockJob):
             self.bcs.skip_unallocated = True
         self.progress_set_remaining(self.bcs.copy_bitmap.count())
 
-    def drains(self, other: TxnJobMixin) -> bool:
-        """Dropping our filter drains it and every node above it, and with
-        them any backup whose filter sits there."""
-        return isinstance(other, BackupJob) and any(
-            n is other.cbw for n in self.daemon.graph._ancestors(self.cbw))
-
     async def user_cancel(self, force: bool) -> None:
         """With no copy in flight, QSD ends the job (and its group) before it
         replies to the cancel, as nothing has to be waited for; otherwise
         the reply comes first."""
         idle = self.bcs.in_flight_bytes == 0
+        group = list(self.txn.jobs) if self.txn is not None else [self]
         await super().user_cancel(force)
         if idle:
-            await self._gone_or_concluded.wait()
+            for job in group:
+                await job._gone_or_concluded.wait()
 
     async def attach(self) -> None:
         """The job's own edges on the filter and the target (no permissions,
@@ -227,23 +224,56 @@ async def remove_filter(daemon: "Daemon", cbw: CopyBeforeWriteNode) -> None:
 
 @contextlib.asynccontextmanager
 async def paused_jobs_above(daemon: "Daemon", node: Node) -> AsyncIterator[None]:
-    """A drained section pauses the running backups that work on the node or
+    """A drained section pauses the running jobs that work on the node or
     above it until it ends (QEMU pauses a job whose node is drained)."""
-    nodes = {id(n) for n in daemon.graph._ancestors(node)}
-    jobs = [j for j in daemon.jobs.newest_first()
-            if isinstance(j, BackupJob) and j.status in ("running", "paused")
-            and any(id(e.child) in nodes for e in j.edges)]
-    for job in jobs:
-        job.pause()
-    for job in jobs:
-        while not job.paused and job.status == "running":
-            await asyncio.sleep(0.001)
+    jobs = await pause_jobs(jobs_on(daemon, daemon.graph._ancestors(node)))
     try:
         yield
     finally:
-        for job in jobs:
-            job.resume()
-            await Job.settle()
+        await resume_jobs(jobs)
+
+
+_JOB_USER = re.compile(r"block job '(.+)'\Z")
+
+
+def jobs_on(daemon: "Daemon", nodes: Iterable[Node]) -> list[BlockJob]:
+    """The block jobs holding one of ``nodes`` (their root edges say so), newest first."""
+    ids = set()
+    for node in nodes:
+        for edge in node.parents:
+            m = _JOB_USER.match(edge.user_desc) if edge.parent is None else None
+            if m:
+                ids.add(m.group(1))
+    return [j for j in daemon.jobs.newest_first() if isinstance(j, BlockJob) and j.id in ids]
+
+
+async def pause_jobs(jobs: Iterable[BlockJob]) -> list[BlockJob]:
+    """Pause the running (or ready) ones, oldest first, and wait until they
+    sit in a pause point, as a drained section does (a cancelled job ends
+    there instead); returns those it paused."""
+    active = [j for j in jobs if j.status in ("running", "ready")]
+    active.sort(key=lambda j: j.daemon.jobs.newest_first().index(j), reverse=True)
+    for job in active:
+        job.pause()
+    for job in active:
+        for _ in range(5000):       # a job reaches its pause point after its copies in flight
+            if job.paused or job.status not in ("running", "ready"):
+                break
+            await asyncio.sleep(0.001)
+    return active
+
+
+async def resume_jobs(jobs: Iterable[BlockJob]) -> None:
+    for job in jobs:
+        job.resume()
+        await Job.settle()
+
+
+async def drain_all(daemon: "Daemon") -> None:
+    """QEMU's bdrv_drain_all() that every transaction starts with: each
+    running block job pauses and goes on again."""
+    await resume_jobs(await pause_jobs(j for j in daemon.jobs.newest_first()
+                                       if isinstance(j, BlockJob)))
 
 
 def _check_bitmap(bitmap: DirtyBitmap, allow_ro: bool) -> None:

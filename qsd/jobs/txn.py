@@ -78,12 +78,9 @@ class JobTxn:
             if j is not failed:
                 j.cancel_for_txn()
         while self.jobs:
+            # (Cleaning a job up may drain nodes a cancelled job of the group
+            # works on: that job then stops during the clean-up already.)
             job = self.jobs[0]
-            # Cleaning a job up drains its nodes: a cancelled job above them
-            # is woken by that and stops first (QEMU's drain does it).
-            for other in list(self.jobs[1:]):
-                if job.drains(other):
-                    await other.stopped()
             await job.stopped()
             await self._finalize_single(job)
 
@@ -112,10 +109,6 @@ class TxnJobMixin(Job):
         super().__init__(*args, **kwargs)
         #: Set once run() is over (the job is waiting or aborting).
         self._run_done = asyncio.Event()
-
-    def drains(self, other: "TxnJobMixin") -> bool:
-        """Whether cleaning this job up drains nodes ``other`` works above."""
-        return False
 
     async def stopped(self) -> None:
         """Wait until run() is over (a cancelled job is woken to notice)."""

@@ -14,8 +14,8 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.node import Node, Role
-from qsd.jobs.backup import BackupJob, create_backup
-from qsd.jobs.job import Job
+from qsd.jobs.backup import BackupJob, create_backup, drain_all, jobs_on, pause_jobs, resume_jobs
+from qsd.jobs.job import BlockJob
 from qsd.jobs.txn import JobTxn
 from qsd.qmp.actions import Action, action
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: Per device node (by id): the backup actions whose drained section is
 #: still open, and the jobs they paused. The jobs resume, newest first, when
 #: the last of those sections ends (QEMU resumes them with the node's drain).
-_DRAINS: dict[int, tuple[list["_BackupAction"], list[BackupJob]]] = {}
+_DRAINS: dict[int, tuple[list["_BackupAction"], list[BlockJob]]] = {}
 
 
 class _BackupAction(Action):
@@ -42,10 +42,15 @@ class _BackupAction(Action):
         self._drain: contextlib.AsyncExitStack | None = None
 
     async def _begin_drain(self, source: Node) -> None:
+        """Drain the device; running jobs on it or above it pause until the
+        last drain of the transaction on it ends."""
         self._source = source
+        actions, jobs = _DRAINS.setdefault(id(source), ([], []))
+        actions.append(self)
+        holders = jobs_on(self.daemon, self.daemon.graph._ancestors(source))
+        jobs[:0] = await pause_jobs(j for j in holders if j not in jobs)
         self._drain = contextlib.AsyncExitStack()
         await self._drain.enter_async_context(self.daemon.graph.drained(source))
-        _DRAINS.setdefault(id(source), ([], []))[0].append(self)
 
     async def _target(self, source: Node) -> Node:
         raise NotImplementedError
@@ -53,6 +58,8 @@ class _BackupAction(Action):
     async def prepare(self) -> None:
         graph = self.daemon.graph
         source = graph.find(self.args["device"], None)
+        if not self.properties:     # the command alone is a transaction of its own
+            await drain_all(self.daemon)
         await self._begin_drain(source)
         target = await self._target(source)
         self.job = await create_backup(self.daemon, self.args, source, target, self.job_txn)
@@ -78,10 +85,8 @@ class _BackupAction(Action):
         if actions:
             return
         del _DRAINS[id(self._source)]
-        for job in reversed(jobs):
-            if job.pause_count > 0:
-                job.resume()
-                await Job.settle()
+        # New jobs newest first, then the ones that were running before.
+        await resume_jobs(j for j in reversed(jobs) if j.pause_count > 0)
 
 
 @action("blockdev-backup")

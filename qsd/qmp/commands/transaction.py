@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qsd.jobs.backup import drain_all
 from qsd.jobs.txn import JobTxn
 from qsd.qmp.actions import ACTIONS, Action, action
 from qsd.qmp.dispatch import command
@@ -40,6 +41,7 @@ async def transaction(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     grouped = properties["completion-mode"] == "grouped"
     txn = JobTxn() if grouped else None
     prepared: list[Action] = []
+    await drain_all(daemon)
     try:
         for item in args["actions"]:
             kind = item["type"]
