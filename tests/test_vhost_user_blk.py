@@ -514,3 +514,42 @@ def test_inherited_socket_and_socket_removed_on_exit(qemu_sd, qsd, workdir: Path
         assert proc.wait(10) == 0
         assert proc.stderr is not None and proc.stderr.read() == b""
         proc.stderr.close()
+
+
+def test_front_end_that_stops_reading_does_not_stall_the_daemon(qsd, workdir: Path) -> None:
+    """Thousands of requests whose replies are never read: QMP still answers, the next front-end is served."""
+    img = workdir / "d.qcow2"
+    make_image(img)
+    sock = workdir / "v.sock"
+    d = qsd(*export_args(img, sock), wait_for=[sock])
+    q = d.qmp()
+    flood = vc.VhostUserClient(str(sock))
+    flood.sock.setblocking(False)
+    message = struct.pack("<III", vc.GET_QUEUE_NUM, vc.VERSION, 0)
+    sent = 0
+    try:
+        while sent < 20000:
+            flood.sock.send(message * 100)
+            sent += 100
+    except BlockingIOError:
+        pass
+    assert q.execute("query-block-exports")["return"][0]["id"] == "v0"
+    flood.close()
+    c, vq = _ready_client(sock)
+    with c:
+        assert c.blk(vq, vc.T_IN, 0, in_len=512)[:2] == (0, b"\x11" * 512)
+    assert d.alive()
+
+
+@pytest.mark.slow
+def test_guest_reboot_resets_the_device_on_the_same_connection(qsd, workdir: Path, guest) -> None:
+    """A reboot stops the rings (GET_VRING_BASE) and sets them up again without reconnecting."""
+    img = workdir / "disk.qcow2"
+    make_image(img)
+    sock = workdir / "vub.sock"
+    d = qsd(*export_args(img, sock, ",writable=on"), wait_for=[sock])
+    r = boot(guest, sock, "reboot,md5", no_reboot=False, timeout=240)
+    assert r.returncode == 0, r.output[-3000:]
+    assert r.lines.count("GUEST-REBOOTING") == 1 and "GUEST-REBOOTED" in r.lines
+    assert d.stop() == 0
+    assert host_md5(img) == r.value("GUEST-MD5")

@@ -12,6 +12,9 @@ the kernel command line asks (``qsd.do=md5,write,dd,par``), printing
 * ``write`` writes ``GUEST-WROTE-THIS`` (padded to 4 KiB) at byte offset
             ``qsd.woff`` (default 1 MiB), syncs, prints ``GUEST-WRITE-DONE``
 * ``dd``    ``GUEST-DD-START``, reads the whole disk with dd (1 MiB blocks), ``GUEST-DD-END``
+* ``reboot`` the first time (no ``QSD-REBOOTED`` marker at ``qsd.woff``) writes the marker and
+            reboots (the device is reset and set up again on the same connection); after
+            the reboot prints ``GUEST-REBOOTED`` and goes on with the next action
 
 Run ``python3 tests/guest/mkguest.py`` (scripts/setup.sh does) to fill the
 cache ahead of the tests; :func:`build_guest` does it on first use otherwise.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import re
 import shutil
@@ -60,6 +64,13 @@ for action in $(echo "$do" | tr , ' '); do
     sync; echo "GUEST-WRITE-DONE";;
   dd)
     echo "GUEST-DD-START"; dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null; echo "GUEST-DD-END";;
+  reboot)
+    if dd if=/dev/vda bs=4096 skip=$((woff / 4096)) count=1 2>/dev/null | grep -q QSD-REBOOTED; then
+      echo "GUEST-REBOOTED"
+    else
+      echo QSD-REBOOTED | dd of=/dev/vda bs=4096 seek=$((woff / 4096)) count=1 conv=sync,fsync 2>/dev/null
+      echo "GUEST-REBOOTING"; reboot -f
+    fi;;
   esac
 done
 echo GUEST-DONE
@@ -114,7 +125,8 @@ def build_guest(cache: Path = CACHE) -> Guest:
     """The kernel and initramfs, built once per kernel version into ``cache``."""
     pkg = _kernel_package()
     kver = pkg[len("linux-image-"):]
-    target = cache / kver
+    recipe = hashlib.sha256((INIT + " ".join(MODULES)).encode()).hexdigest()[:12]
+    target = cache / f"{kver}-{recipe}"
     guest = Guest(target / "vmlinuz", target / "initrd.gz")
     if guest.kernel.exists() and guest.initrd.exists():
         return guest
@@ -167,11 +179,11 @@ class BootResult:
 
 def boot(guest: Guest, socket_path: str | os.PathLike, actions: str, *, smp: int = 1,
          num_queues: int = 1, mem: str = "256M", timeout: float = 120.0, extra_append: str = "",
-         machine: str = "q35", device: str = "vhost-user-blk-pci") -> BootResult:
+         machine: str = "q35", device: str = "vhost-user-blk-pci", no_reboot: bool = True) -> BootResult:
     """Boot under TCG with the vhost-user-blk device on ``socket_path``; wait for poweroff."""
     argv = [QEMU, "-accel", "tcg,thread=multi" if smp > 1 else "tcg", "-machine", machine,
             "-bios", "/usr/share/qemu/qboot.rom", "-nodefaults", "-no-user-config", "-nographic",
-            "-serial", "stdio", "-no-reboot", "-m", mem, "-smp", str(smp),
+            "-serial", "stdio", *(["-no-reboot"] if no_reboot else []), "-m", mem, "-smp", str(smp),
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
             "-chardev", f"socket,id=vub,path={socket_path}",
             "-device", f"{device},chardev=vub,num-queues={num_queues}",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import logging
 import mmap
 import os
@@ -65,6 +66,10 @@ log = logging.getLogger("qsd.export.vhost_user_blk")
 
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _WCE_OFFSET = 32
+#: How long a reply may wait for the front-end to read.
+SEND_TIMEOUT = 10.0
+#: Messages read ahead of the one being handled.
+MAX_QUEUED_MESSAGES = 64
 
 
 def _map_region(region: Region, fd: int) -> MemRegion:
@@ -113,7 +118,8 @@ class _Connection:
         self.session = Session(blk.features(export.writable), export.num_queues, self.config)
         self.mem = GuestMemory()
         self.rings = [_Ring(i) for i in range(export.num_queues)]
-        self.inbox: list[Message] = []
+        self.inbox: collections.deque[Message] = collections.deque()
+        self.reading = True
         self.wakeup: asyncio.Future[None] | None = None
         self.closing: str | None = None     # why the connection ends (None: it doesn't yet)
         self.slave: int | None = None
@@ -128,6 +134,11 @@ class _Connection:
     def _on_readable(self) -> None:
         try:
             while self.closing is None:
+                if len(self.inbox) >= MAX_QUEUED_MESSAGES:
+                    # The front-end sends faster than we handle: stop reading until we catch up.
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.reading = False
+                    break
                 want = self.reader.want()
                 data, anc, flags, _ = self.sock.recvmsg(want, _CMSG_SPACE)
                 fds: list[int] = []
@@ -175,11 +186,14 @@ class _Connection:
         try:
             while True:
                 while self.inbox and self.closing is None:
-                    msg = self.inbox.pop(0)
+                    msg = self.inbox.popleft()
                     try:
                         await self._handle(msg)
                     except (ProtocolError, VirtqueueError) as e:
                         self._fail(str(e))
+                if not self.reading and self.closing is None:
+                    self.reading = True
+                    self.loop.add_reader(self.sock.fileno(), self._on_readable)
                 if self.closing is not None:
                     break
                 self.wakeup = self.loop.create_future()
@@ -192,26 +206,23 @@ class _Connection:
             finally:
                 self.finished.set_result(None)
 
-    def _send(self, data: bytes | None) -> None:
+    async def _send(self, data: bytes | None) -> None:
+        """A reply; a front-end that stops reading them is dropped."""
         if not data:
             return
         try:
-            self.sock.settimeout(10)        # replies are small and the front-end waits for them
-            self.sock.sendall(data)
-        except OSError as e:
-            self._close(f"cannot send a reply: {e}")
-        finally:
-            self.sock.setblocking(False)
+            await asyncio.wait_for(self.loop.sock_sendall(self.sock, data), SEND_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
+            self._close(f"cannot send a reply: {e!r}")
 
     # ----- messages --------------------------------------------------------------
     async def _handle(self, msg: Message) -> None:
         out = self.session.receive(msg)
         if out is None or isinstance(out, bytes):
-            self._send(out)
+            await self._send(out)
             return
         result = await self._device_request(out)
-        ok = result is not False
-        self._send(self.session.complete(out, result, ok))
+        await self._send(self.session.complete(out, result))
 
     async def _device_request(self, req: DeviceRequest) -> Any:
         if isinstance(req, SetFeatures):
