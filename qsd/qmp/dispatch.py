@@ -29,3 +29,4 @@ def load_commands() -> None:
     """Import every command module so that its handlers register."""
     from qsd.qmp.commands import block, blockjobs, control, exports, jobs, objects, snapshots  # noqa: F401
     from qsd.qmp.commands import backup, bitmaps, transaction  # noqa: F401
+    from qsd.qmp.commands import amend  # noqa: F401

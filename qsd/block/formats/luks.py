@@ -146,6 +146,18 @@ class LuksNode(Node):
         """Always a ``json:`` pseudo-filename: key-secret must be spelt out."""
         return "json:" + json.dumps(self.json_options())
 
+    async def amend(self, options: dict[str, Any], force: bool) -> None:
+        """x-blockdev-amend: add or erase key slots (see qsd.jobs.amend)."""
+        from qsd.jobs.amend import amend_luks
+        file = self.file
+
+        async def write(offset: int, data: bytes) -> None:
+            await file.write(offset, data)
+
+        await amend_luks(self.volume, _file_reader(file), write, options, force,
+                         self.graph.objects, self._key_secret)
+        await file.flush()
+
     def format_specific(self) -> dict[str, Any]:
         return {"type": "luks", "data": self.volume.info()}
 

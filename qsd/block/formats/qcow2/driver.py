@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from qsd.block.formats.qcow2 import snapshot
 from qsd.block.formats.qcow2.bitmaps import BitmapStore, check_constraints
 from qsd.block.formats.qcow2.create import create_image, preallocate
-from qsd.block.formats.qcow2.crypt import Qcow2Crypto, check_format_option, open_crypto
+from qsd.block.formats.qcow2.crypt import (
+    CRYPT_LUKS, Qcow2Crypto, check_format_option, open_crypto)
 from qsd.block.formats.qcow2.cluster import (
     BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO, ClusterMap, Kind)
@@ -41,6 +42,7 @@ from qsd.block.formats.qcow2.header import (
 from qsd.block.formats.qcow2.refcount import Refcounts, corrupt
 from qsd.block.node import DRIVERS, Extent, Node, Role, register_driver
 from qsd.crypto.cipher import SECTOR_SIZE
+from qsd.crypto.luks import LuksVolume
 from qsd.qmp.errors import GenericError, QMPError
 from qsd.qmp.keyorder import qemu_items
 
@@ -1083,6 +1085,38 @@ class Qcow2Node(ClusterMap, Node):
             except OSError as e:
                 raise GenericError("Failed to update bitmap extension: "
                                    f"{os.strerror(e.errno or errno.EIO)}") from None
+
+    # ----- x-blockdev-amend --------------------------------------------------
+    async def amend(self, options: dict[str, Any], force: bool) -> None:
+        """QEMU 7.2's qcow2 amend: LUKS key slots of an encrypted image."""
+        encrypt = options.get("encrypt")
+        if encrypt is None:
+            return
+        if self.crypto is None:
+            raise GenericError("image is not encrypted, can't amend")
+        if encrypt["format"] != "luks":
+            raise GenericError("Amend can't be used to change the qcow2 encryption format")
+        if self.header.crypt_method != CRYPT_LUKS or self.header.crypto_header is None:
+            raise GenericError("Only LUKS encryption options can be amended for qcow2 with "
+                               "blockdev-amend")
+        from qsd.jobs.amend import amend_luks
+        base, length = self.header.crypto_header
+
+        async def read(offset: int, n: int) -> bytearray:
+            if offset + n > length:
+                raise GenericError("Request for data outside of extension header")
+            return await self.read_file(base + offset, n)
+
+        async def write(offset: int, data: bytes) -> None:
+            if offset + len(data) > length:
+                raise GenericError("Request for data outside of extension header")
+            await self.write_meta(base + offset, data, "encryption header")
+
+        self._check_writable()
+        assert isinstance(self.crypto.cipher, LuksVolume)
+        await amend_luks(self.crypto.cipher, read, write, encrypt, force, self.graph.objects,
+                         self.crypto.key_secret)
+        await self.file_node.flush()
 
     # ----- internal snapshots (see .snapshot) --------------------------------
     def snapshots(self) -> list[dict[str, Any]] | None:
