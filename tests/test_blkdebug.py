@@ -302,6 +302,10 @@ RUNTIME_CASES = {
                 ["discard 0 4k", "write 0 4k", "discard 0 4k", "write 0 4k"]),
     "immediately": (b'[inject-error]\nevent = "read_aio"\nimmediately = "on"\nonce = "on"\n', True,
                     ["read 0 512", "read 0 512"]),
+    # align=4096: requests reach the rules padded to whole blocks.
+    "align-sector": (b'[inject-error]\nevent = "write_aio"\nsector = "7"\nerrno = "28"\n', True,
+                     ["write 0 512", "write 8k 512", "write -z 0 512", "write 4096 4096",
+                      "write -z 1024 8192"]),
 }
 
 
@@ -315,8 +319,10 @@ def test_rules_at_work_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path, case: 
         sock = workdir / f"{tag}-nbd.sock"
         top = "r0" if under_raw else "b0"
         raw = ["--blockdev", "driver=raw,node-name=r0,file=b0,discard=unmap"] if under_raw else []
+        align = ",align=4096" if case.startswith("align") else ""
         daemon = factory("--blockdev", "driver=file,node-name=f0,filename=disk.img,locking=off,discard=unmap",
-                         "--blockdev", "driver=blkdebug,node-name=b0,config=r.cfg,image=f0,discard=unmap", *raw,
+                         "--blockdev", f"driver=blkdebug,node-name=b0,config=r.cfg,image=f0,discard=unmap{align}",
+                         *raw,
                          "--nbd-server", f"addr.type=unix,addr.path={sock}",
                          "--export", f"type=nbd,id=e0,node-name={top},writable=on", qmp=False, wait_for=[sock])
         out = []

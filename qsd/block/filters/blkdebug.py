@@ -442,15 +442,74 @@ class BlkdebugNode(FilterNode):
         raise OSError(rule.error, _strerror(rule.error))
 
     # ----- I/O ------------------------------------------------------------------
+    # With ``align`` above the child's alignment, requests reach the rules in
+    # whole aligned blocks, as QEMU's block layer pads them: reads are read
+    # whole, unaligned writes read the partial blocks first (through the
+    # rules, with the pwritev_rmw_* events) and write whole blocks.
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        align = self.request_alignment
+        return offset // align * align, -(-(offset + length) // align) * align
+
+    async def _read_aligned(self, start: int, buf: memoryview) -> None:
+        """Read ``buf`` at the aligned ``start``; what lies past the child's
+        end reads as zeroes."""
+        await self._check(start, len(buf), "read")
+        n = max(0, min(len(buf), self.filtered.size - start))
+        if n:
+            await self.filtered.read_into(start, buf[:n])
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        await self._check(offset, len(buf), "read")
-        await self.filtered.read_into(offset, buf)
+        start, end = self._span(offset, len(buf))
+        if start == offset and end == offset + len(buf):
+            await self._check(offset, len(buf), "read")
+            await self.filtered.read_into(offset, buf)
+            return
+        bounce = bytearray(end - start)
+        await self._read_aligned(start, memoryview(bounce))
+        buf[:] = bounce[offset - start:offset - start + len(buf)]
+
+    async def _padded(self, offset: int, data: bytes | bytearray | memoryview) -> tuple[int, bytearray]:
+        """An unaligned write as whole blocks: the partial ones read first."""
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
+        start, end = self._span(offset, length)
+        end = min(end, max(self.filtered.size, offset + length))
+        align = self.request_alignment
+        bounce = bytearray(end - start)
+        view = memoryview(bounce)
+        # A parent node takes our alignment and pads its requests itself in
+        # QEMU: the rmw events are its own then, and its padding reads come
+        # to us as reads (read_aio).
+        below_node = any(edge.parent is not None for edge in self.parents)
+
+        async def read_block(pos: int, block: memoryview, where: str) -> None:
+            if below_node:
+                self.debug_event("read_aio")
+            else:
+                self.debug_event(f"pwritev_rmw_{where}")
+            await self._read_aligned(pos, block)
+            if not below_node:
+                self.debug_event(f"pwritev_rmw_after_{where}")
+
+        if offset != start:
+            await read_block(start, view[:min(align, end - start)], "head")
+        tail = (end - 1) // align * align
+        if end != offset + length and (tail != start or offset == start):
+            await read_block(tail, view[tail - start:], "tail")
+        bounce[offset - start:offset - start + length] = data
+        return start, bounce
 
     async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                         fua: bool = False) -> None:
         try:
-            await self._check(offset, data.nbytes if isinstance(data, memoryview) else len(data),
-                              "write")
+            length = data.nbytes if isinstance(data, memoryview) else len(data)
+            start, end = self._span(offset, length)
+            if start != offset or end != offset + length:
+                offset, data = await self._padded(offset, data)
+                length = len(data)
+            await self._check(offset, length, "write")
             await self.filtered.write(offset, data)
         finally:
             self._written()
@@ -460,17 +519,35 @@ class BlkdebugNode(FilterNode):
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                                fua: bool = False, no_fallback: bool = False) -> None:
         try:
-            await self._check(offset, length, "write-zeroes")
-            await self.filtered.write_zeroes(offset, length, may_unmap, False, no_fallback)
+            start, end = self._span(offset, length)
+            align = self.request_alignment
+            # Partial blocks at either end become padded writes of zeroes.
+            for lo, hi in ((offset, min(offset + length, start + align) if offset != start else offset),
+                           (max(offset, (offset + length) // align * align)
+                            if end != offset + length else offset + length, offset + length)):
+                if lo < hi:
+                    pos, data = await self._padded(lo, bytes(hi - lo))
+                    await self._check(pos, len(data), "write")
+                    await self.filtered.write(pos, data)
+            lo = -(-offset // align) * align
+            hi = (offset + length) // align * align
+            if lo < hi:
+                await self._check(lo, hi - lo, "write-zeroes")
+                await self.filtered.write_zeroes(lo, hi - lo, may_unmap, False, no_fallback)
         finally:
             self._written()
         if fua:
             await self._emulate_fua()
 
     async def drv_discard(self, offset: int, length: int) -> None:
+        """Discards are advisory: partial blocks are left alone."""
+        align = self.request_alignment
+        lo, hi = -(-offset // align) * align, (offset + length) // align * align
+        if lo >= hi:
+            return
         try:
-            await self._check(offset, length, "discard")
-            await self.filtered.discard(offset, length)
+            await self._check(lo, hi - lo, "discard")
+            await self.filtered.discard(lo, hi - lo)
         finally:
             self._written()
 
