@@ -468,16 +468,21 @@ def test_guest_boots_reads_writes_and_a_second_guest_reconnects(qsd, workdir: Pa
 
 
 def test_guest_two_queues_two_cpus(qsd, workdir: Path, guest) -> None:
+    """Reads on both queues at once, then 8 MiB of random writes (multi-descriptor OUT requests)."""
     img = workdir / "disk.raw"
     make_image(img, "raw")
+    before = [host_md5(img, "raw"), host_md5(img, "raw", 0, SIZE // 2), host_md5(img, "raw", SIZE // 2)]
     sock = workdir / "vub.sock"
-    qsd(*export_args(img, sock, ",num-queues=2", fmt="raw"), wait_for=[sock])
-    r = boot(guest, sock, "md5,par", smp=2, num_queues=2)
+    d = qsd(*export_args(img, sock, ",num-queues=2,writable=on", fmt="raw"), wait_for=[sock])
+    r = boot(guest, sock, "md5,par,wbig", smp=2, num_queues=2)
     assert r.returncode == 0, r.output[-3000:]
     assert r.value("GUEST-QUEUES") == "2"
-    assert r.value("GUEST-MD5") == host_md5(img, "raw")
-    assert r.value("GUEST-PAR").split() == [host_md5(img, "raw", 0, SIZE // 2),
-                                            host_md5(img, "raw", SIZE // 2)]
+    assert r.value("GUEST-MD5") == before[0]
+    assert r.value("GUEST-PAR").split() == before[1:]
+    written, read_back = r.value("GUEST-WBIG").split()
+    assert written == read_back
+    assert d.stop() == 0
+    assert host_md5(img, "raw", 8 * MiB, 8 * MiB) == written
 
 
 def test_inherited_socket_and_socket_removed_on_exit(qemu_sd, qsd, workdir: Path) -> None:

@@ -11,6 +11,8 @@ the kernel command line asks (``qsd.do=md5,write,dd,par``), printing
             (so a 2-queue device gets requests on both queues)
 * ``write`` writes ``GUEST-WROTE-THIS`` (padded to 4 KiB) at byte offset
             ``qsd.woff`` (default 1 MiB), syncs, prints ``GUEST-WRITE-DONE``
+* ``wbig``  writes 8 MiB of random data at 8 MiB, drops the guest's page cache, reads it back:
+            ``GUEST-WBIG: <md5 written> <md5 read back>``
 * ``dd``    ``GUEST-DD-START``, reads the whole disk with dd (1 MiB blocks), ``GUEST-DD-END``
 * ``reboot`` the first time (no ``QSD-REBOOTED`` marker at ``qsd.woff``) writes the marker and
             reboots (the device is reset and set up again on the same connection); after
@@ -62,6 +64,11 @@ for action in $(echo "$do" | tr , ' '); do
   write)
     echo GUEST-WROTE-THIS | dd of=/dev/vda bs=4096 seek=$((woff / 4096)) count=1 conv=sync,fsync 2>/dev/null
     sync; echo "GUEST-WRITE-DONE";;
+  wbig)
+    dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null
+    dd if=/tmp/r of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null
+    echo 3 > /proc/sys/vm/drop_caches
+    echo "GUEST-WBIG: $(md5sum /tmp/r | cut -d' ' -f1) $(dd if=/dev/vda bs=1M skip=8 count=8 2>/dev/null | md5sum | cut -d' ' -f1)";;
   dd)
     echo "GUEST-DD-START"; dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null; echo "GUEST-DD-END";;
   reboot)
@@ -160,6 +167,9 @@ def build_guest(cache: Path = CACHE) -> Guest:
         (target / "initrd.gz.tmp").write_bytes(initrd)
         os.replace(target / "initrd.gz.tmp", guest.initrd)
         os.replace(tmp_kernel, guest.kernel)
+    for old in cache.glob(f"{kver}-*"):          # guests of an older recipe
+        if old != target and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return guest
 
 
