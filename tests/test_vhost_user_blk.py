@@ -558,3 +558,26 @@ def test_guest_reboot_resets_the_device_on_the_same_connection(qsd, workdir: Pat
     assert r.lines.count("GUEST-REBOOTING") == 1 and "GUEST-REBOOTED" in r.lines
     assert d.stop() == 0
     assert host_md5(img) == r.value("GUEST-MD5")
+
+
+def test_block_resize_as_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    """After block_resize the config space keeps the old capacity (QSD 7.2 does not update it), while
+    requests up to the new size succeed."""
+    outcomes = []
+    for name, factory in (("qemu", qemu_sd), ("qsd", qsd)):
+        img = workdir / f"{name}.img"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "16M"], check=True)
+        sock = workdir / f"{name}.sock"
+        d = factory("--blockdev", f"driver=file,node-name=f0,filename={img}", "--export",
+                    f"type=vhost-user-blk,id=v0,node-name=f0,addr.type=unix,addr.path={sock},writable=on",
+                    wait_for=[sock])
+        q = d.qmp()
+        with vc.VhostUserClient(str(sock)) as c:
+            c.handshake()
+            vq = c.setup_queue(0)
+            before = c.blk(vq, vc.T_IN, 32768, in_len=512)[0]
+            q.cmd("block_resize", **{"node-name": "f0", "size": 32 * MiB})
+            outcomes.append((before, c.get_config(8), c.blk(vq, vc.T_IN, 32768, in_len=512)[0],
+                             c.blk(vq, vc.T_IN, 65536, in_len=512)[0]))
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[0][0] == 1 and outcomes[0][2] == 0

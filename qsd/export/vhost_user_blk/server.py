@@ -127,7 +127,7 @@ class _Connection:
         self.finished: asyncio.Future[None] = self.loop.create_future()
 
     def config(self) -> bytes:
-        return blk.config_space(self.device.size, self.export.logical_block_size,
+        return blk.config_space(self.export.capacity, self.export.logical_block_size,
                                 self.export.num_queues, self.wce)
 
     # ----- reading messages ----------------------------------------------------
@@ -498,6 +498,10 @@ class VhostUserBlkExport:
         self.writethrough = writethrough
         self.logical_block_size = logical_block_size
         self.num_queues = num_queues
+        #: The config space's capacity is the size at export creation (QSD 7.2
+        #: neither updates it nor tells the front-end after block_resize);
+        #: requests are checked against the current size.
+        self.capacity = int(edge.child.size)
         self._listener: socket.socket | None = None
         self._unix: tuple[str, int, int] | None = None
         self._accept_task: asyncio.Task[None] | None = None
