@@ -130,3 +130,68 @@ def test_grouped_failure_and_error_policies_match_qsd(qemu_sd, qsd, workdir: Pat
     theirs, ours = differential(qemu_sd, qsd, workdir, ERROR_SETUP, session_grouped_failure)
     compare(theirs / "tx.qcow2", ours / "tx.qcow2")
     compare(ours / "orig.qcow2", ours / "tx.qcow2")
+
+
+SNAPS = ("qemu-img info --output=json {} | python3 -c 'import json, sys; "
+         "print([s[\"name\"] for s in json.load(sys.stdin).get(\"snapshots\", [])])'")
+
+
+def session_mixed(s: Script) -> None:
+    """Bitmap, internal snapshot and backup actions together: rolled back by
+    a failing action, then committed."""
+    _nodes(s)
+    s.cmd("block-dirty-bitmap-add", {"node": "src", "name": "old"})
+    rollback = [act("block-dirty-bitmap-add", node="src", name="b1"),
+                act("blockdev-snapshot-internal-sync", device="tb", name="s1"),
+                act("block-dirty-bitmap-clear", node="src", name="old"),
+                bk("j1", "src", "tf", "incremental", bitmap="old"),
+                act("block-dirty-bitmap-remove", node="src", name="old")]
+    s.cmd("transaction", {"actions": [*rollback, act("abort")]})
+    s.cmd("transaction", {"actions": [*rollback[:2],
+                                      act("blockdev-snapshot-internal-sync", device="tb", name="s1")]})
+    s.cmd("transaction", {"actions": [act("blockdev-snapshot-internal-sync", device="tb", name="s0")],
+                          "properties": GROUPED})
+    s.cmd("x-debug-block-dirty-bitmap-sha256", {"node": "src", "name": "b1"})
+    s.cmd("transaction", {"actions": rollback[:4]})
+    s.wait("j1")
+    s.cmd("x-debug-block-dirty-bitmap-sha256", {"node": "src", "name": "b1"})
+    s.cmd("x-debug-block-dirty-bitmap-sha256", {"node": "src", "name": "old"})
+    for name in ("tf", "tn", "tb", "src"):
+        s.cmd("blockdev-del", {"node-name": name})
+    s.sh(SNAPS.format("tb.qcow2"))
+    s.sh("qemu-img check -q tb.qcow2 && echo clean")
+
+
+def test_mixed_actions_match_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    differential(qemu_sd, qsd, workdir, SETUP, session_mixed)
+
+
+TARGET_ERROR_SETUP = SETUP + " && qemu-img create -q -f raw tr.raw 16M"
+
+
+def session_target_errors(s: Script) -> None:
+    """Write errors on the target: on-target-error=enospc stops on ENOSPC
+    (io-status nospace) and resumes; report fails with the error."""
+    s.cmd("blockdev-add", qcow2("src", "src.qcow2"))
+    for name, errno, once in (("t28", 28, True), ("t5", 5, False)):
+        s.cmd("blockdev-add", {"driver": "raw", "node-name": name,
+                               "file": {"driver": "blkdebug", "image": {"driver": "file",
+                                                                        "filename": "tr.raw"},
+                                        "inject-error": [{"event": "write_aio", "errno": errno,
+                                                          "once": once}]}})
+        s.cmd("blockdev-backup", backup("j", "src", name, "full", **{"on-target-error": "enospc",
+                                                                     "x-perf": {"max-workers": 1}}))
+        s.wait_event("BLOCK_JOB_ERROR")
+        if once:
+            s.wait("j", "paused")
+            s.cmd("query-block-jobs")
+            s.cmd("job-resume", {"id": "j"}, until=("j", "null"))
+        else:
+            s.wait("j")
+        s.cmd("blockdev-del", {"node-name": name})
+    s.cmd("blockdev-del", {"node-name": "src"})
+    s.sh("qemu-img compare -f qcow2 -F raw orig.qcow2 tr.raw")
+
+
+def test_target_errors_match_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    differential(qemu_sd, qsd, workdir, TARGET_ERROR_SETUP, session_target_errors)

@@ -127,6 +127,9 @@ class BackupJob(TxnJobMixin, BlockJob):
         elif sync == "top":
             self.bcs.skip_unallocated = True
         self.progress_set_remaining(self.bcs.copy_bitmap.count())
+        #: Nothing to copy (an empty incremental backup): the job ends
+        #: without any I/O of its own.
+        self.idle = sync != "none" and self.bcs.copy_bitmap.count() == 0
 
     async def user_cancel(self, force: bool) -> None:
         """With no copy in flight, QSD ends the job (and its group) before it
@@ -138,6 +141,17 @@ class BackupJob(TxnJobMixin, BlockJob):
         if idle:
             for job in group:
                 await job._gone_or_concluded.wait()
+
+    async def wait_if_idle(self) -> None:
+        """QSD ends a job that has nothing to copy (and its whole group, if
+        all of it is so) before the command that started it replies."""
+        group = list(self.txn.jobs) if self.txn is not None else [self]
+        if not all(isinstance(j, BackupJob) and j.idle for j in group):
+            return
+        for job in group:
+            while not (job.status in ("concluded", "null")
+                       or (job.status == "pending" and not job.auto_finalize)):
+                await asyncio.sleep(0.001)
 
     async def attach(self) -> None:
         """The job's own edges on the filter and the target (no permissions,

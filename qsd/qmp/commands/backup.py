@@ -87,6 +87,9 @@ class _BackupAction(Action):
         del _DRAINS[id(self._source)]
         # New jobs newest first, then the ones that were running before.
         await resume_jobs(j for j in reversed(jobs) if j.pause_count > 0)
+        for job in reversed(jobs):
+            if isinstance(job, BackupJob):
+                await job.wait_if_idle()
 
 
 @action("blockdev-backup")

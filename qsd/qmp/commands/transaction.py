@@ -8,6 +8,9 @@ Otherwise all are committed in order. Clean-up runs for all at the end
 either way. With ``completion-mode: grouped`` the jobs the actions start
 form one :class:`~qsd.jobs.txn.JobTxn`; actions that start no job refuse
 that mode, with QSD's text.
+
+The ``abort`` action and the transaction form of the internal snapshot
+(whose command lives in :mod:`qsd.qmp.commands.snapshots`) are defined here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,31 @@ class AbortAction(Action):
 
     async def prepare(self) -> None:
         raise GenericError("Transaction aborted using Abort action")
+
+
+@action("blockdev-snapshot-internal-sync", standalone=False)
+class InternalSnapshotAction(Action):
+    """The internal snapshot inside a transaction: the stand-alone command
+    (qsd.qmp.commands.snapshots) takes it; an abort deletes it again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._taken: tuple[Any, str] | None = None
+
+    async def prepare(self) -> None:
+        from qsd.qmp.commands import snapshots
+
+        await snapshots.snapshot_internal(self.daemon, self.args)
+        target = snapshots._target(self.daemon.graph.find(self.args["device"], None), True)
+        self._taken = (target, self.args["name"])
+
+    async def abort(self) -> None:
+        taken, self._taken = self._taken, None
+        if taken is not None:
+            target, name = taken
+            snap = next((sn for sn in target.snapshot_list if sn.name == name), None)
+            if snap is not None:
+                await target.snapshot_delete(snap.id, name)
 
 
 @command("transaction")
