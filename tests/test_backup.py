@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, RawQMP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qmpdiff import normalise
 
 from qsd.block.bitmap import DirtyBitmap
@@ -448,4 +450,33 @@ def test_block_copy_copies_each_cluster_once_and_retries_failures() -> None:
             assert a + n <= b, "a cluster was copied twice"
         bcs.release()
         assert src.dirty_bitmaps == []
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+@settings(max_examples=60, deadline=None)
+@given(writes=st.lists(st.tuples(st.integers(0, 2 * MiB - 1), st.integers(1, 200 * KiB),
+                                 st.integers(0, 3)), max_size=12),
+       workers=st.integers(1, 8), cluster=st.sampled_from([64 * KiB, 128 * KiB]))
+def test_block_copy_keeps_the_point_in_time(writes: list[tuple[int, int, int]], workers: int,
+                                            cluster: int) -> None:
+    """Guest writes racing the background copy (each first copying what it
+    overwrites, as the filter does): the target ends up as the source was."""
+    async def main() -> None:
+        size = 2 * MiB + 4096
+        src, dst = _Mem(size), _Mem(size)
+        src.data[:] = bytes((i * 7) & 0xff for i in range(256)) * (size // 256)
+        original = bytes(src.data)
+        bcs = BlockCopy(src, dst, cluster, None)  # type: ignore[arg-type]
+
+        async def guest(offset: int, length: int, delay: int) -> None:
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            length = min(length, size - offset)
+            await bcs.copy(offset, length)
+            await src.write(offset, b"\xee" * length)
+
+        await asyncio.gather(bcs.copy(0, size, max_workers=workers),
+                             *(guest(*w) for w in writes))
+        assert bytes(dst.data) == original
+        assert bcs.copy_bitmap.count() == 0 and bcs.in_flight_bytes == 0
     asyncio.run(asyncio.wait_for(main(), 20))
