@@ -21,12 +21,13 @@ read-only opens use it as it is (reads never look at refcounts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
 import struct
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from qsd.block.formats.qcow2 import snapshot
 from qsd.block.formats.qcow2.bitmaps import BitmapStore, check_constraints
@@ -72,6 +73,9 @@ class Qcow2Node(ClusterMap, Node):
         #: Overwrites of owned clusters in flight outside the lock.
         self._overwrites = 0
         self._overwrites_done: asyncio.Event | None = None
+        #: Guest clusters whose new host cluster is being written outside
+        #: the lock (its L2 entry is set afterwards), with their done events.
+        self._allocating: dict[int, asyncio.Event] = {}
         self._meta: dict[int, str] = {}
         self._compressed_cache: tuple[int, bytes] | None = None
         self._writable = False
@@ -519,15 +523,22 @@ class Qcow2Node(ClusterMap, Node):
                     fua: bool = False) -> None:
         self._check_writable()
         data = memoryview(data).cast("B")
-        async with self._lock:
+        fresh: tuple[int, int, bool] | None = None
+        async with self._range_lock(offset, len(data)):
             await self._before_write()
             host = self._overwrite_host(offset, len(data))
             if host is None:
-                await self._write_locked(offset, data)
-                self._compressed_cache = None
+                fresh = await self._fresh_cluster(offset, len(data))
+                if fresh is None:
+                    await self._write_locked(offset, data)
+                    self._compressed_cache = None
+                else:
+                    self._allocating[offset >> self.cbits] = asyncio.Event()
             else:
                 self._overwrites += 1
-        if host is not None:
+        if fresh is not None:
+            await self._write_fresh(offset, data, *fresh)
+        elif host is not None:
             # Outside the lock: the cluster stays ours until wait_overwrites()
             # lets a free or a snapshot go on.
             try:
@@ -538,6 +549,73 @@ class Qcow2Node(ClusterMap, Node):
                     self._overwrites_done.set()
         if fua:
             await self.flush()
+
+    @contextlib.asynccontextmanager
+    async def _range_lock(self, offset: int = 0,
+                          length: int | None = None) -> AsyncIterator[None]:
+        """The node lock, once no cluster of the range (None: of the image)
+        is still being allocated outside it."""
+        while True:
+            await self._lock.acquire()
+            first = offset >> self.cbits
+            last = None if length is None else (offset + max(length, 1) - 1) >> self.cbits
+            busy = next((ev for c, ev in self._allocating.items()
+                         if c >= first and (last is None or c <= last)), None)
+            if busy is None:
+                break
+            self._lock.release()
+            await busy.wait()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _fresh_cluster(self, offset: int, length: int) -> tuple[int, int, bool] | None:
+        """For a write inside one cluster that reads as zeroes now (unallocated
+        without backing data, or a zero cluster without host cluster):
+        allocate its host cluster and return (cluster start, host, whether
+        the host cluster already reads as zeroes); the data then goes out
+        without the lock (:meth:`_write_fresh`). None: take the full path."""
+        cbits = self.cbits
+        c_start = offset >> cbits << cbits
+        if (self.crypto is not None or self.has_data_file or self.ext_l2
+                or (offset + length - 1) >> cbits != offset >> cbits):
+            return None
+        l1_index, idx = divmod(offset >> cbits, self.l2_entries)
+        if l1_index >= len(self.l1):
+            return None
+        l2_off = self._l2_offset(l1_index)
+        entry = self.entry_pair(await self.l2_cache.get(l2_off), idx)[0] if l2_off else 0
+        if entry & ~OFLAG_ZERO:
+            return None
+        backing = self.backing_node
+        if not entry and backing is not None and c_start < backing.size:
+            return None
+        host, zero_from = await self.refcounts.alloc_data(1)
+        self.check_overlap(host, self.cs, None)
+        return c_start, host, host >= zero_from
+
+    async def _write_fresh(self, offset: int, data: memoryview, c_start: int, host: int,
+                           known_zero: bool) -> None:
+        """Write the data of a cluster :meth:`_fresh_cluster` allocated (zero
+        padding only where the file does not read as zeroes already), then
+        point its L2 entry at it, as QEMU links an allocation after its data."""
+        cluster = c_start >> self.cbits
+        try:
+            if known_zero:
+                await self.data_node.write(host + offset - c_start, data)
+            else:
+                buf = bytearray(self.cs)
+                buf[offset - c_start:offset - c_start + len(data)] = data
+                await self.data_node.write(host, buf)
+            async with self._lock:
+                await self.set_entry(c_start, host | OFLAG_COPIED)
+                self._compressed_cache = None
+        except BaseException:
+            self.refcounts.free(host, 1)  # applied with the next batch of frees
+            raise
+        finally:
+            self._allocating.pop(cluster).set()
 
     async def wait_overwrites(self) -> None:
         """Wait for the overwrites running outside the lock (called with the
@@ -729,7 +807,7 @@ class Qcow2Node(ClusterMap, Node):
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
         self._check_writable()
-        async with self._lock:
+        async with self._range_lock(offset, length):
             await self._before_write()
             await self._zero_locked(offset, length, may_unmap, no_fallback)
             self._compressed_cache = None
@@ -830,7 +908,7 @@ class Qcow2Node(ClusterMap, Node):
         end = (offset + length) // self.cs * self.cs
         if start >= end:
             return
-        async with self._lock:
+        async with self._range_lock(start, end - start):
             await self._before_write()
             self._compressed_cache = None
             for c_start in range(start, end, self.cs):
@@ -874,7 +952,7 @@ class Qcow2Node(ClusterMap, Node):
             raise GenericError("The new size must be a multiple of 512")
         self._check_writable()
         h = self.header
-        async with self._lock:
+        async with self._range_lock():
             await self.wait_overwrites()
             if h.nb_snapshots and h.version < 3:
                 raise GenericError("Can't resize a v2 image which has snapshots")
@@ -1124,7 +1202,7 @@ class Qcow2Node(ClusterMap, Node):
 
     async def snapshot_create(self, name: str) -> snapshot.Snapshot:
         self._check_writable()
-        async with self._lock:
+        async with self._range_lock():
             await self.wait_overwrites()
             return await snapshot.create(self, name)
 
