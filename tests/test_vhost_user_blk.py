@@ -286,6 +286,18 @@ def _mem_table_bad_count(c: vc.VhostUserClient) -> None:
     c.send(vc.SET_MEM_TABLE, struct.pack("<II", 200, 0), (c.mem.fd,))
 
 
+def _region_beyond_file(c: vc.VhostUserClient) -> None:
+    c.send(vc.SET_MEM_TABLE, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", vc.GUEST_BASE, 2 * c.mem.size,
+                                                                    vc.USER_BASE, 0), (c.mem.fd,))
+
+
+def _region_not_a_file(c: vc.VhostUserClient) -> None:
+    r, w = os.pipe()
+    c.send(vc.SET_MEM_TABLE, c.mem_table_payload(), (r,))
+    os.close(r)
+    os.close(w)
+
+
 def _vring_index(c: vc.VhostUserClient) -> None:
     c.send(vc.SET_VRING_NUM, struct.pack("<II", 7, 64))
 
@@ -361,7 +373,8 @@ def _garbage(c: vc.VhostUserClient) -> None:
     c.sock.sendall(random.Random(6).randbytes(4096))
 
 
-BAD = [_bad_version, _huge_payload, _mem_table_without_fd, _mem_table_bad_count, _vring_index,
+BAD = [_bad_version, _huge_payload, _mem_table_without_fd, _mem_table_bad_count, _region_beyond_file,
+       _region_not_a_file, _vring_index,
        _short_payload, _legacy, _ring_outside_memory, _unknown_request, _desc_outside_memory,
        _desc_straddles_end, _desc_loop, _indirect_nested, _avail_runaway, _no_status, _garbage]
 

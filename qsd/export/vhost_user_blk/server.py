@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 from typing import Any
 
 from qsd.export.vhost_user_blk import blk
@@ -73,7 +74,19 @@ MAX_QUEUED_MESSAGES = 64
 
 
 def _map_region(region: Region, fd: int) -> MemRegion:
-    """mmap one region of the front-end's memory (shared, read-write)."""
+    """mmap one region of the front-end's memory (shared, read-write).
+
+    Only a file (memfd, hugetlbfs, ...) that really holds the whole region:
+    touching a mapping beyond the end of its file kills us with SIGBUS."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError(f"memory region descriptor: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("memory region descriptor is not a file")
+    if region.mmap_offset + region.size > st.st_size:
+        raise ProtocolError(f"memory region at guest 0x{region.guest_addr:x} of size 0x{region.size:x} "
+                            f"(offset 0x{region.mmap_offset:x}) is larger than its file")
     page = mmap.ALLOCATIONGRANULARITY
     start = region.mmap_offset - region.mmap_offset % page
     skew = region.mmap_offset - start
