@@ -188,7 +188,7 @@ class BootResult:
 
 
 def boot(guest: Guest, socket_path: str | os.PathLike, actions: str, *, smp: int = 1,
-         num_queues: int = 1, mem: str = "256M", timeout: float = 120.0, extra_append: str = "",
+         num_queues: int = 1, mem: str = "256M", timeout: float = 240.0, extra_append: str = "",
          machine: str = "q35", device: str = "vhost-user-blk-pci", no_reboot: bool = True) -> BootResult:
     """Boot under TCG with the vhost-user-blk device on ``socket_path``; wait for poweroff."""
     argv = [QEMU, "-accel", "tcg,thread=multi" if smp > 1 else "tcg", "-machine", machine,
