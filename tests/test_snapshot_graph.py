@@ -76,3 +76,47 @@ def test_snapshot_under_export_and_write_threshold(tmp_path: Path) -> None:
         Sh("qemu-img info -U snap.qcow2 | grep -E '^backing'"),
     ]
     run_both(tmp_path, SETUP, steps, images=("snap.qcow2", "top.qcow2"))
+
+
+def test_blockdev_reopen(tmp_path: Path) -> None:
+    """Read-only toggling and backing changes, with QSD's refusals."""
+    setup = ("qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 0x11 0 4M' base.qcow2"
+             " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2"
+             " && qemu-img create -q -f qcow2 b2.qcow2 64M")
+    top = {"driver": "qcow2", "node-name": "top", "file": "top-file"}
+
+    def reopen(*opts: dict) -> dict:
+        return cmd("blockdev-reopen", options=list(opts))
+
+    steps = []
+    for name, backing in (("base", None), ("b2", None), ("top", "base")):
+        steps.append(cmd("blockdev-add", driver="file", node_name=f"{name}-file",
+                         filename=f"{name}.qcow2"))
+        steps.append(cmd("blockdev-add", driver="qcow2", node_name=name, file=f"{name}-file",
+                         backing=backing))
+    steps += [
+        reopen(dict(top)),
+        reopen(dict(top, backing="base", **{"read-only": True})),
+        Sh("qemu-io -c 'write 0 4k' -f qcow2 top.qcow2 2>&1 | head -1"),
+        reopen(dict(top, backing="base"),
+               {"driver": "file", "node-name": "top-file", "filename": "top.qcow2",
+                "read-only": True}),
+        reopen(dict(top, backing=None)),
+        reopen(dict(top, backing="b2")),
+        reopen(dict(top, backing="nope")),
+        reopen(dict(top, backing="top")),
+        reopen({"driver": "raw", "node-name": "top", "file": "top-file"}),
+        reopen({"driver": "qcow2", "file": "top-file"}),
+        reopen({"driver": "qcow2", "node-name": "nope", "file": "top-file"}),
+        reopen(dict(top, backing="base", **{"lazy-refcounts": True})),
+        reopen(dict(top, backing="base", file="b2-file")),
+        reopen({"driver": "file", "node-name": "base-file", "filename": "other.qcow2"}),
+        reopen(dict(top, backing="base", **{"detect-zeroes": "on"})),
+        cmd("blockdev-del", node_name="base"),
+        reopen(dict(top, backing=None)),
+        cmd("blockdev-del", node_name="base"),
+        cmd("blockdev-del", node_name="base-file"),
+        *[cmd("blockdev-del", node_name=n) for n in ("top", "top-file", "b2", "b2-file")],
+        Sh("qemu-img info top.qcow2 | grep backing"),
+    ]
+    run_both(tmp_path, setup, steps, images=("top.qcow2",))

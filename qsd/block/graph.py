@@ -237,17 +237,33 @@ class Graph:
         if not child.parents and not child.monitor_owned:
             await self.close_node(child)
 
-    async def set_backing(self, parent: Node, child: Node | None) -> None:
-        """QEMU's bdrv_set_backing_hd: point ``parent``'s backing edge at
-        ``child`` (None drops it), permission-checked first; a former
-        backing node left unused is closed. Call it inside a drained section."""
-        edge = parent.children.get("backing")
+    async def set_backing(self, parent: Node, child: Node | None, name: str = "backing",
+                          check_only: bool = False) -> None:
+        """QEMU's bdrv_set_backing_hd: point ``parent``'s backing edge (or
+        child ``name``) at ``child`` (None drops it), permission-checked
+        first; a former child left unused is closed. ``check_only`` only
+        checks. Call it inside a drained section."""
+        edge = parent.children.get(name)
+        if check_only:
+            if edge is not None and child is not None and edge.child is not child:
+                old = edge.child
+                old.parents.remove(edge)
+                edge.child = child
+                child.parents.append(edge)
+                try:
+                    self._propagate([child, old], _Plan())
+                finally:
+                    child.parents.remove(edge)
+                    edge.child = old
+                    old.parents.append(edge)
+            return
         if child is None:
             if edge is not None:
                 await self.detach(edge)
             return
         if edge is None:
-            await self.attach(parent, "backing", child, Role.COW)
+            await self.attach(parent, name, child, Role.COW if name == "backing" else
+                              parent.file_role)
             return
         old = edge.child
         if old is child:

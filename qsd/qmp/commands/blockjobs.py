@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from qsd.block.node import DRIVERS, CreateContext, Node, Role
+from qsd.block.node import DRIVERS, CreateContext, Node, Perm, Role
 from qsd.jobs.commit import start_commit
 from qsd.jobs.mirror import MirrorJob, chain_next, check_granularity, start_mirror
 from qsd.jobs.stream import start_stream
@@ -364,4 +364,106 @@ async def block_set_write_threshold(daemon: "Daemon", args: dict[str, Any]) -> d
 
     observer.write_threshold = True  # type: ignore[attr-defined]
     node.write_observers.append(observer)
+    return {}
+
+
+# ----- blockdev-reopen -------------------------------------------------------------
+#: Options blockdev-reopen may change; any other must stay as it was opened.
+_REOPEN_MUTABLE = frozenset({"driver", "node-name", "read-only", "auto-read-only", "backing",
+                             "file", "detect-zeroes", "discard", "force-share", "cache",
+                             "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+                             "pass-discard-other", "cache-clean-interval", "l2-cache-size",
+                             "refcount-cache-size", "cache-size", "l2-cache-entry-size",
+                             "overlap-check"})
+
+
+def _creates_cycle(node: Node, backing: Node) -> bool:
+    it: Node | None = backing
+    while it is not None:
+        if it is node:
+            return True
+        it = chain_next(it)
+    return False
+
+
+async def _set_read_only(node: Node, read_only: bool) -> None:
+    """Switch a node between read-only and read-write; a format flushes what
+    it cached first (qcow2 then refuses writes, as after a read-only open)."""
+    if node.read_only == read_only:
+        return
+    if read_only:
+        await node.flush()
+    node.read_only = read_only
+    if hasattr(node, "_writable"):
+        node._writable = not read_only  # type: ignore[attr-defined]
+
+
+@command("blockdev-reopen")
+async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
+    """All nodes are checked first, then changed: read-only, backing child
+    (a node name or null), detect-zeroes and discard; everything else must
+    restate the options the node was opened with."""
+    g = daemon.graph
+    plans: list[tuple[Node, dict[str, Any], Node | None | bool]] = []
+    for opts in args["options"]:
+        name = opts.get("node-name")
+        if name is None:
+            raise GenericError("node-name not specified")
+        node = g.lookup(name)
+        if node is None:
+            raise GenericError(f"Failed to find node with node-name='{name}'")
+        backing: Node | None | bool = False  # False: unchanged
+        if "backing" not in opts:
+            if "backing" in node.children:
+                raise GenericError(f"backing is missing for '{name}'")
+        elif opts["backing"] is None:
+            backing = None
+        else:
+            new = g.find(opts["backing"], "")
+            if _creates_cycle(node, new):
+                raise GenericError(f"Making '{new.node_name}' a backing child of '{name}' "
+                                   "would create a cycle")
+            backing = new
+        if opts["driver"] != node.driver:
+            raise GenericError("Cannot change the option 'driver'")
+        for key, value in opts.items():
+            if key not in _REOPEN_MUTABLE and node.options.get(key) != value:
+                raise GenericError(f"Cannot change the option '{key}'")
+        if "file" in opts and "file" in node.children:
+            ref = opts["file"]
+            if not isinstance(ref, str):
+                raise GenericError("Cannot change the option 'file'")
+            new_file = g.find(ref, "")
+            if new_file is not node.children["file"].child:
+                await g.set_backing(node, new_file, name="file", check_only=True)
+        plans.append((node, opts, backing))
+    # A node that becomes read-only must not keep users that write.
+    new_ro = {id(n): bool(o.get("read-only", False)) for n, o, _ in plans}
+    for node, opts, _ in plans:
+        if not opts.get("read-only", False):
+            continue
+        writers = []
+        for e in node.parents:
+            parent = e.parent
+            if parent is not None and id(parent) in new_ro:
+                if not new_ro[id(parent)] and e.name != "backing":
+                    writers.append(e)  # a parent reopened read-write writes its file
+            elif e.perm & (Perm.WRITE | Perm.RESIZE):
+                writers.append(e)
+        if writers:
+            raise GenericError(f"Read-only block node '{node.node_name}' cannot support "
+                               "read-write users")
+    for node, opts, backing in plans:
+        async with g.drained(node):
+            await _set_read_only(node, bool(opts.get("read-only", False)))
+            node.detect_zeroes = opts.get("detect-zeroes", "off")
+            node.discard_mode = opts.get("discard", "ignore")
+            node.options = {**node.options, **{k: v for k, v in opts.items()
+                                               if k not in ("backing", "file")}}
+            if "file" in opts and isinstance(opts["file"], str) and "file" in node.children \
+                    and opts["file"] != node.children["file"].child.node_name:
+                await g.set_backing(node, g.find(opts["file"], ""), name="file")
+            if backing is not False:
+                await g.set_backing(node, backing)  # type: ignore[arg-type]
+            g.check_own_perms(node)
     return {}
