@@ -149,9 +149,9 @@ WRITABLE_COMMON = [
 LOCKS = ["qemu-img info -f raw img.raw | head -1", "qemu-io -f raw -c 'read 0 512' img.raw | head -1",
          "qemu-io -r -f raw -c 'read 0 512' img.raw | head -1", "qemu-img resize -f raw img.raw 2M"]
 
-# Resizing, on nodes that can shrink and preallocate (qcow2 in qsd cannot yet).
+# Resizing: grow, shrink, unaligned sizes, fallocate's preallocating growth.
 RESIZING = [
-    "truncate -s 2M mnt.raw; stat -c '%s %b' mnt.raw; qemu-img info -f raw mnt.raw | grep 'virtual size'",
+    "truncate -s 2M mnt.raw; stat -c %s mnt.raw; qemu-img info -f raw mnt.raw | grep 'virtual size'",
     "truncate -s 1M mnt.raw; stat -c %s mnt.raw",
     "truncate -s 1000000 mnt.raw; stat -c %s mnt.raw",
     "fallocate -o 2M -l 4096 mnt.raw; stat -c %s mnt.raw; truncate -s 1M mnt.raw",
@@ -210,7 +210,9 @@ def test_raw_writable_session(qemu_sd: Any, qsd: Any, workdir: Path, require_too
     require_tool("fallocate")
     q, o = differential(qemu_sd, qsd, workdir, "raw",
                         "type=fuse,id=e0,node-name=d0,mountpoint=mnt.raw,writable=on",
-                        ["stat -c %b mnt.raw", *WRITABLE_COMMON, *RESIZING, *LOCKS], BAD_MOUNTPOINTS)
+                        ["stat -c %b mnt.raw", *WRITABLE_COMMON, *RESIZING,
+                         "truncate -s 3M mnt.raw; stat -c '%s %b' mnt.raw; truncate -s 1M mnt.raw", *LOCKS],
+                        BAD_MOUNTPOINTS)
     assert (q / "img.raw").read_bytes() == (o / "img.raw").read_bytes()
 
 
@@ -220,8 +222,7 @@ def test_qcow2_writable_session(qemu_sd: Any, qsd: Any, workdir: Path, node_opts
     """The same session over qcow2 (growth included), block status as lseek, images equal afterwards;
     punched holes are dropped only with discard=unmap, and only whole clusters."""
     commands = ["qemu-io -f raw -c 'write -P 0x11 4096 8192' mnt.raw", f"python3 -c \"{LSEEK_PY}\"",
-                *WRITABLE_COMMON,
-                "truncate -s 2M mnt.raw; stat -c %s mnt.raw; truncate -s 1000000 mnt.raw",
+                *WRITABLE_COMMON, *RESIZING,
                 "fallocate -z -o 2M -l 65536 mnt.raw; stat -c %s mnt.raw; md5sum mnt.raw"]
     q, o = differential(qemu_sd, qsd, workdir, "qcow2",
                         "type=fuse,id=e0,node-name=d0,mountpoint=mnt.raw,writable=on", commands,
