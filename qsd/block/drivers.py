@@ -15,6 +15,7 @@ DRIVER_MODULES = (
     "qsd.block.filters.copy_before_write",
     "qsd.block.filters.throttle",
     "qsd.block.filters.copy_on_read",
+    "qsd.block.filters.compress",
     "qsd.block.filters.blkdebug",
     "qsd.block.filters.preallocate",
 )

@@ -803,6 +803,64 @@ class Qcow2Node(ClusterMap, Node):
             out = self.crypto.cipher.encrypt(self.crypto.sector(g_start, host), out)
         await self.data_node.write(host, out)
 
+    # ----- compressed writes (the compress filter) ---------------------------
+    def _compress(self, data: bytes) -> bytes | None:
+        """The cluster compressed as the image's compression type, None when
+        it would not fit in a cluster less one byte (QEMU then writes it
+        uncompressed)."""
+        if self.header.compression_type == COMPRESSION_ZSTD:
+            import zstandard
+            out = zstandard.ZstdCompressor().compress(data)
+        else:
+            obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+            out = obj.compress(data) + obj.flush()
+        return out if len(out) <= self.cs - 1 else None
+
+    async def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """QEMU's compressed write: whole clusters at cluster boundaries (a
+        shorter last one only at the end of the image, zero padded), each
+        into a cluster that is not allocated yet (EIO otherwise)."""
+        self._check_writable()
+        data = memoryview(data).cast("B")
+        if self.has_data_file:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        if offset % self.cs:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self._begin_write(offset, len(data))
+        try:
+            pos = 0
+            while pos < len(data):
+                chunk = bytes(data[pos:pos + self.cs])
+                if len(chunk) < self.cs:
+                    if offset + pos + len(chunk) != self.size:
+                        raise OSError(errno.EINVAL, "Invalid argument")
+                    chunk = chunk.ljust(self.cs, b"\0")
+                await self._write_compressed_cluster(offset + pos, chunk,
+                                                     min(self.cs, len(data) - pos))
+                pos += self.cs
+        finally:
+            self._end_write(offset, len(data))
+
+    async def _write_compressed_cluster(self, c_start: int, chunk: bytes, length: int) -> None:
+        comp = await asyncio.to_thread(self._compress, chunk)
+        async with self._range_lock(c_start, self.cs):
+            await self._before_write()
+            if comp is None:
+                await self._write_locked(c_start, memoryview(chunk)[:length])
+                return
+            l1_index, idx = divmod(c_start >> self.cbits, self.l2_entries)
+            l2_off = self._l2_offset(l1_index)
+            entry, _ = self.entry_pair(await self.l2_cache.get(l2_off), idx) if l2_off \
+                else (0, 0)
+            if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+                raise OSError(errno.EIO, "Input/output error")  # compression can't overwrite
+            host = await self.refcounts.alloc_bytes(len(comp))
+            self.check_overlap(host, len(comp), None)
+            await self.file_node.write(host, comp)
+            nsect = ((host + len(comp) - 1) >> 9) - (host >> 9)
+            await self.set_entry(c_start, OFLAG_COMPRESSED | nsect << self.csectors_shift | host)
+            self._compressed_cache = None
+
     # ----- zeroes and discards --------------------------------------------
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:

@@ -56,6 +56,10 @@ class Refcounts:
         #: lay past the end of the file then: they still read as zeroes, so
         #: a new data cluster there needs no zero padding written.
         self.zero_from = -(-img.file_end() // self.cs)
+        #: Where the next compressed cluster may go: the byte after the last
+        #: one, inside a host cluster that compressed data already uses
+        #: (0: none; reset once that cluster loses a reference).
+        self.pack_next = 0
 
     async def load(self) -> None:
         h = self.img.header
@@ -122,6 +126,8 @@ class Refcounts:
                 raise corrupt(f"Refcount of cluster {c:#x} out of range ({value})")
             self._set(block, i, value)
             self.cache.mark_dirty(off)
+            if delta < 0 and c == self.pack_next >> self.cbits:
+                self.pack_next = 0
             if value == 0 and c < self.free_hint:
                 self.free_hint = c
 
@@ -139,6 +145,21 @@ class Refcounts:
         finally:
             self.reserved.remove((start, start + count))
         return start << self.cbits, max(start, old_zero_from) << self.cbits
+
+    async def alloc_bytes(self, length: int) -> int:
+        """Host bytes for one compressed cluster: packed behind the previous
+        one when they fit in its host cluster (whose refcount then counts one
+        more user, as every compressed cluster touching a host cluster
+        references it), else at the start of newly allocated clusters."""
+        cs = self.cs
+        nxt = self.pack_next
+        if nxt % cs and nxt % cs + length <= cs:
+            await self.update(nxt, 1, 1)
+            off = nxt
+        else:
+            off = await self.alloc(-(-length // cs))
+        self.pack_next = off + length
+        return off
 
     def free(self, offset: int, count: int) -> None:
         """Queue a decrement, applied once the dropping metadata is on disk."""
