@@ -222,7 +222,7 @@ class Region:
     mmap_offset: int
 
 
-def _exact(msg: Message, size: int) -> None:
+def _need(msg: Message, size: int) -> None:
     if len(msg.payload) < size:
         raise ProtocolError(f"{_name(msg.request)}: payload of {len(msg.payload)} bytes, "
                             f"need {size}")
@@ -245,18 +245,18 @@ def _region(guest: int, size: int, user: int, offset: int) -> Region:
 
 
 def parse_mem_table(msg: Message) -> list[Region]:
-    _exact(msg, 8)
+    _need(msg, 8)
     nregions, _pad = struct.unpack_from("<II", msg.payload)
     if not 1 <= nregions <= MAX_REGIONS:
         raise ProtocolError(f"SET_MEM_TABLE with {nregions} regions")
-    _exact(msg, 8 + REGION.size * nregions)
+    _need(msg, 8 + REGION.size * nregions)
     if len(msg.fds) != nregions:
         raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions but {len(msg.fds)} file descriptors")
     return [_region(*REGION.unpack_from(msg.payload, 8 + REGION.size * i)) for i in range(nregions)]
 
 
 def parse_single_region(msg: Message) -> Region:
-    _exact(msg, 8 + REGION.size)
+    _need(msg, 8 + REGION.size)
     return _region(*REGION.unpack_from(msg.payload, 8))
 
 
@@ -366,10 +366,8 @@ class Session:
         self.num_queues = num_queues
         self.config = config
         self.features = 0
-        self.features_set = False
         self.protocol_features = 0
-        self.owner = False
-        self.mem_slots = 0
+        self.owner = False          # SET_OWNER seen (informational: QEMU always sends it)
 
     def has_protocol(self, pf: PF) -> bool:
         return bool(self.protocol_features & pf)
@@ -378,7 +376,7 @@ class Session:
         return encode(msg.request, payload)
 
     def _u64(self, msg: Message) -> int:
-        _exact(msg, 8)
+        _need(msg, 8)
         return U64.unpack_from(msg.payload)[0]
 
     def _ring(self, index: int) -> int:
@@ -421,7 +419,6 @@ class Session:
             if not features & F_VERSION_1:
                 raise ProtocolError("virtio legacy devices aren't supported")
             self.features = features
-            self.features_set = True
             return SetFeatures(msg, features)
         if r == Req.GET_PROTOCOL_FEATURES:
             return self._reply(msg, U64.pack(int(OUR_PROTOCOL_FEATURES)))
@@ -460,7 +457,7 @@ class Session:
                 raise ProtocolError("REM_MEM_REG without CONFIGURE_MEM_SLOTS")
             return RemMemReg(msg, parse_single_region(msg))   # a stray descriptor is closed
         if r in (Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.GET_VRING_BASE, Req.SET_VRING_ENABLE):
-            _exact(msg, VRING_STATE.size)
+            _need(msg, VRING_STATE.size)
             index, num = VRING_STATE.unpack_from(msg.payload)
             self._ring(index)
             if r == Req.SET_VRING_NUM:
@@ -477,7 +474,7 @@ class Session:
                 raise ProtocolError(f"invalid SET_VRING_ENABLE value {num}")
             return VringEnable(msg, index, bool(num))
         if r == Req.SET_VRING_ADDR:
-            _exact(msg, VRING_ADDR.size)
+            _need(msg, VRING_ADDR.size)
             index, flags, desc, used, avail, _log = VRING_ADDR.unpack_from(msg.payload)
             self._ring(index)
             return VringAddr(msg, index, flags, desc, used, avail)
@@ -488,7 +485,7 @@ class Session:
         if r == Req.SET_VRING_ERR:
             return self._vring_fd(msg, "err")
         if r == Req.GET_CONFIG:
-            _exact(msg, CONFIG_HDR.size)
+            _need(msg, CONFIG_HDR.size)
             _offset, size, _flags = CONFIG_HDR.unpack_from(msg.payload)
             if len(msg.payload) != CONFIG_HDR.size + size:
                 raise ProtocolError(f"GET_CONFIG: size {size} but {len(msg.payload)} payload bytes")
@@ -499,7 +496,7 @@ class Session:
                 body = config[:size]
             return self._reply(msg, msg.payload[:CONFIG_HDR.size] + body if body else b"")
         if r == Req.SET_CONFIG:
-            _exact(msg, CONFIG_HDR.size)
+            _need(msg, CONFIG_HDR.size)
             offset, size, flags = CONFIG_HDR.unpack_from(msg.payload)
             if len(msg.payload) != CONFIG_HDR.size + size or size > MAX_CONFIG:
                 raise ProtocolError(f"SET_CONFIG: size {size} but {len(msg.payload)} payload bytes")
