@@ -345,3 +345,20 @@ def test_walker_on_arbitrary_rings(table, indirect, heads, start) -> None:
     except VirtqueueError:
         pass
     assert popped <= len(heads)
+
+
+def test_buffers_spanning_two_regions_become_two_views() -> None:
+    low, high = bytearray(0x1000), bytearray(0x1000)
+    mem = GuestMemory([MemRegion(0x0, 0x1000, 0x10000, memoryview(low)),
+                       MemRegion(0x1000, 0x1000, 0x11000, memoryview(high))])
+    views = mem.guest(0xF00, 0x200)
+    assert [len(v) for v in views] == [0x100, 0x100]
+    views[0][:] = b"a" * 0x100
+    views[1][:] = b"b" * 0x100
+    assert low[0xF00:] == b"a" * 0x100 and high[:0x100] == b"b" * 0x100
+    with pytest.raises(VirtqueueError, match="crosses memory regions"):
+        mem.user_contiguous(0x10F00, 0x200)     # a ring must lie in one mapping
+    with pytest.raises(VirtqueueError, match="outside guest memory"):
+        mem.user_contiguous(0x11F00, 0x200)
+    with pytest.raises(VirtqueueError, match="overlaps"):
+        mem.add(MemRegion(0x1800, 0x1000, 0x50000, memoryview(bytearray(0x1000))))
