@@ -410,8 +410,18 @@ async def insert_filter(daemon: "Daemon", source: Node, target: Node,
     except QMPError as err:
         raise GenericError(f"Could not create node: {err.desc}") from None
     assert isinstance(cbw, CopyBeforeWriteNode)
+    # Users below the filter stay (QEMU's should_update_child): a fleecing
+    # target's backing edge on the source must not loop back to the filter.
+    below: set[int] = set()
+    stack: list[Node] = [cbw]
+    while stack:
+        for edge in stack.pop().children.values():
+            if id(edge.child) not in below:
+                below.add(id(edge.child))
+                stack.append(edge.child)
+    keep = [e for e in source.parents if e.parent is not None and id(e.parent) in below]
     try:
-        g.replace_node(source, cbw)
+        g.replace_node(source, cbw, exclude=keep)
     except QMPError as err:
         await g.close_node(cbw)
         raise GenericError(f"Could not replace node: {err.desc}") from None
