@@ -37,6 +37,7 @@ class Daemon:
         self.schema = get_schema()
         self.objects = ObjectRegistry()
         self.graph = Graph(self.objects)
+        self.graph.emit_event = self.emit_event
         self.exports = ExportManager(self)
         self.jobs = JobRegistry()
         self.chardevs: dict[str, "Chardev"] = {}

@@ -276,3 +276,56 @@ def test_driver_repair_on_open_leaks_past_last_reference(tmp_path: Path) -> None
     asyncio.run(reopen())
     after = qemu_check(img)
     assert not after.get("leaks") and not after.get("corruptions"), after
+
+
+# ----- corruption found while running: overlap checks, corrupt bit, event ----------
+def _l2_points_at_l1(path: Path) -> None:
+    """Make guest cluster 1 an in-place cluster whose host cluster is the L1 table."""
+    raw = bytearray(path.read_bytes())
+    l1_off = struct.unpack_from(">Q", raw, 40)[0]
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", raw, l2_off + 8, l1_off | 1 << 63)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("overlap", [None, "constant", "none",
+                                     "{'template':'none','active-l1':true}"])
+def test_overlap_check_differential(workdir: Path, qemu_sd: Any, qsd: Any,
+                                    overlap: str | None) -> None:
+    """A guest write onto the active L1 table: refused with the corrupt bit
+    set and one BLOCK_IMAGE_CORRUPTED event, unless overlap-check leaves the
+    L1 table out; the same events and corrupt flags in QSD and qsd."""
+    results = []
+    for factory in (qemu_sd, qsd):
+        img = workdir / f"{len(results)}.qcow2"
+        sock = workdir / f"{len(results)}.sock"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+        subprocess.run(["qemu-io", "-c", "write 0 64k", str(img)], check=True,
+                       capture_output=True)
+        _l2_points_at_l1(img)
+        if overlap is None:
+            opt = ""
+        elif overlap.startswith("{"):
+            opt = ",overlap-check.template=none,overlap-check.active-l1=on"
+        else:
+            opt = f",overlap-check={overlap}"
+        d = factory("--blockdev", f"driver=qcow2,node-name=q{opt},file.driver=file,"
+                    f"file.filename={img}",
+                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--export", "type=nbd,id=e,node-name=q,name=x,writable=on")
+        with d.qmp() as q:
+            w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x41 64k 4k",
+                                "-c", "write -P 0x42 128k 4k", f"nbd+unix:///x?socket={sock}"],
+                               capture_output=True, text=True, check=False)
+            q.execute("query-version")
+            events = [{k: v for k, v in e.items() if k != "timestamp"} for e in q.events]
+            q.execute("quit")
+        d.wait()
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(img)],
+                                         capture_output=True, text=True,
+                                         check=True).stdout)
+        results.append((events, info["format-specific"]["data"]["corrupt"],
+                        "failed" in w.stdout + w.stderr))
+    assert results[1] == results[0]
+    expect_refused = overlap in (None, "constant") or (overlap or "").startswith("{")
+    assert results[0][1] is expect_refused and bool(results[0][0]) is expect_refused

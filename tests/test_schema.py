@@ -483,7 +483,7 @@ def test_command_names(schema: Schema) -> None:
     assert names == [n for n in QEMU_QUERY_COMMANDS if n in names]     # QEMU's relative order
     assert all(schema.has_command(n) for n in names) and not schema.has_command("block-mirror")
     assert [e for e in schema.event_names() if e != "BLOCK_WRITE_THRESHOLD"] == [
-        "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
+        "BLOCK_IMAGE_CORRUPTED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
         "BLOCK_JOB_PENDING", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"]
 
 

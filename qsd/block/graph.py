@@ -16,7 +16,7 @@ import random
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable
 
 from qsd.block.node import DRIVERS, PERM_NAMES, Node, Perm, Role
 from qsd.qmp.errors import GenericError, QMPError
@@ -127,6 +127,9 @@ class Graph:
         self._generated = 0
         #: The daemon's objects, for drivers that open with secrets (luks).
         self.objects = objects
+        #: How drivers send QMP events (qcow2's BLOCK_IMAGE_CORRUPTED); the
+        #: daemon connects it to its monitors.
+        self.emit_event: Callable[[str, dict[str, Any]], None] = lambda name, data: None
 
     # ----- names -------------------------------------------------------
     def generate_name(self) -> str:

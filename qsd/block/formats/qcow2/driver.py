@@ -81,6 +81,8 @@ class Qcow2Node(ClusterMap, Node):
         self._writable = False
         self._marked_dirty = False
         self._corrupt_reported = False
+        #: Metadata kinds the overlap-check option leaves out.
+        self._overlap_unchecked: frozenset[str] = frozenset()
         self.crypto: Qcow2Crypto | None = None
 
     # ----- plumbing used by refcount/cluster -------------------------------
@@ -121,18 +123,29 @@ class Qcow2Node(ClusterMap, Node):
 
     def check_overlap(self, offset: int, length: int, name: str | None) -> None:
         """Refuse a write of ``name`` metadata (None: guest data) that would
-        land on other metadata; the image is marked corrupt as QEMU does."""
+        land on other metadata the ``overlap-check`` option checks; the image
+        is marked corrupt as QEMU does."""
         for c in range(offset >> self.cbits, (offset + length - 1 >> self.cbits) + 1):
             kind = self._meta.get(c)
-            if kind is not None and kind != name:
-                self._mark_corrupt(f"Preventing invalid write on metadata (overlaps with {kind})")
+            if kind is not None and kind != name and kind not in self._overlap_unchecked:
+                self._mark_corrupt(f"Preventing invalid write on metadata (overlaps with {kind})",
+                                   offset, length)
                 raise OSError(errno.EIO, f"Write at {offset:#x} overlaps with {kind}")
 
-    def _mark_corrupt(self, why: str) -> None:
+    def _mark_corrupt(self, why: str, offset: int = -1, size: int = -1) -> None:
+        """QEMU's fatal corruption signal: the corrupt bit, one message and one
+        BLOCK_IMAGE_CORRUPTED event (later ones are suppressed)."""
         if not self._corrupt_reported:
             os.write(2, f"qcow2: Marking image as corrupt: {why}; further corruption events "
                         "will be suppressed\n".encode())
             self._corrupt_reported = True
+            data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": why}
+            if offset >= 0:
+                data["offset"] = offset
+            if size >= 0:
+                data["size"] = size
+            data["fatal"] = True
+            self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
         self.header.incompatible |= INCOMPAT_CORRUPT
         asyncio.ensure_future(self._write_header_quietly())
 
@@ -191,6 +204,7 @@ class Qcow2Node(ClusterMap, Node):
                 first = await self.read_file(0, min(file.size, 1 << bits))
         h = Header.parse(first, file.size)
         self.header = h
+        self._overlap_unchecked = _overlap_unchecked(options.get("overlap-check"))
         self._writable = not self.read_only
         if h.incompatible & INCOMPAT_CORRUPT and self._writable:
             raise GenericError("qcow2: Image is corrupt; cannot be opened read/write")
@@ -1274,6 +1288,33 @@ class Qcow2Node(ClusterMap, Node):
     async def create(cls, ctx: "CreateContext", options: dict[str, Any]) -> None:
         """blockdev-create (see :mod:`.create`)."""
         await create_image(ctx, options)
+
+
+#: overlap-check flags and the metadata kinds (names in messages) they cover.
+OVERLAP_FLAGS = {
+    "main-header": "qcow2_header", "active-l1": "active L1 table",
+    "active-l2": "active L2 table", "refcount-table": "refcount table",
+    "refcount-block": "refcount block", "snapshot-table": "snapshot table",
+    "inactive-l1": "inactive L1 table", "inactive-l2": "inactive L2 table",
+    "bitmap-directory": "bitmap directory",
+}
+_CONSTANT = {"main-header", "active-l1", "refcount-table", "snapshot-table"}
+_CACHED = _CONSTANT | {"active-l2", "refcount-block", "bitmap-directory", "inactive-l1"}
+OVERLAP_TEMPLATES = {"none": set(), "constant": _CONSTANT, "cached": _CACHED,
+                     "all": _CACHED | {"inactive-l2"}}
+
+
+def _overlap_unchecked(option: Any) -> frozenset[str]:
+    """The metadata kinds an ``overlap-check`` option (a template name or
+    flags on a template, default cached) leaves unchecked."""
+    if option is None or isinstance(option, str):
+        enabled = set(OVERLAP_TEMPLATES[option or "cached"])
+    else:
+        enabled = set(OVERLAP_TEMPLATES[option.get("template", "cached")])
+        for flag in OVERLAP_FLAGS:
+            if flag in option:
+                (enabled.add if option[flag] else enabled.discard)(flag)
+    return frozenset(OVERLAP_FLAGS[f] for f in OVERLAP_FLAGS if f not in enabled)
 
 
 def _probe(path: str) -> str:
