@@ -76,8 +76,16 @@ class Session:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} did not start: {(wd / 'daemon.err').read_text()}")
             time.sleep(0.02)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(wd / "qmp.sock"))
+        while True:  # the socket file appears at bind(), before listen()
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(str(wd / "qmp.sock"))
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.buf = b""
         self.replies: list[str] = []
         self.events: list[str] = []

@@ -101,9 +101,12 @@ class Copier:
         self.unmap = unmap
         #: The target read as zeroes everywhere when the job began.
         self.target_zeroed = target_zeroed
+        #: Buffers of finished copies, reused (no zero-filled allocation per copy).
+        self._free: list[bytearray] = []
 
     async def copy(self, src: Node, dst: Node, offset: int, length: int) -> None:
-        """Copy ``[offset, offset+length)``; OSError carries ``is_read``."""
+        """Copy ``[offset, offset+length)``; OSError carries ``is_read``.
+        Neighbouring data extents go as one read and one write."""
         pos, end = offset, offset + length
         while pos < end:
             try:
@@ -111,19 +114,28 @@ class Copier:
             except OSError as e:
                 e.is_read = True  # type: ignore[attr-defined]
                 raise
+            run = 0  # bytes of data extents gathered from pos on
             for e in extents:
                 stop = min(e.offset + e.length, end)
-                if stop <= pos:
+                if stop <= pos + run:
                     continue
                 if e.data:
-                    await self._copy_data(src, dst, pos, stop - pos)
-                elif not self.target_zeroed or not await _reads_zero(dst, pos, stop - pos):
+                    run = stop - pos
+                    continue
+                if run:
+                    await self._copy_data(src, dst, pos, run)
+                    pos += run
+                    run = 0
+                if not self.target_zeroed or not await _reads_zero(dst, pos, stop - pos):
                     try:
                         await dst.write_zeroes(pos, stop - pos, may_unmap=self.unmap)
                     except OSError as err:
                         err.is_read = False  # type: ignore[attr-defined]
                         raise
                 pos = stop
+            if run:
+                await self._copy_data(src, dst, pos, run)
+                pos += run
 
     async def _copy_data(self, src: Node, dst: Node, offset: int, length: int) -> None:
         s_map = src.host_extent(offset, length)
@@ -134,17 +146,29 @@ class Copier:
                 return
             except OSError:
                 pass  # e.g. EXDEV on old kernels: fall back to read/write
-        buf = bytearray(length)
+        buf = self._take(length)
+        view = memoryview(buf)[:length]
         try:
-            await src.read_into(offset, memoryview(buf))
-        except OSError as e:
-            e.is_read = True  # type: ignore[attr-defined]
-            raise
-        try:
-            await dst.write(offset, buf)
-        except OSError as e:
-            e.is_read = False  # type: ignore[attr-defined]
-            raise
+            try:
+                await src.read_into(offset, view)
+            except OSError as e:
+                e.is_read = True  # type: ignore[attr-defined]
+                raise
+            try:
+                await dst.write(offset, view)
+            except OSError as e:
+                e.is_read = False  # type: ignore[attr-defined]
+                raise
+        finally:
+            view.release()
+            if len(self._free) < MAX_IN_FLIGHT:
+                self._free.append(buf)
+
+    def _take(self, length: int) -> bytearray:
+        for i, buf in enumerate(self._free):
+            if len(buf) >= length:
+                return self._free.pop(i)
+        return bytearray(length)
 
 
 def _copy_file_range(src: tuple[int, int], dst: tuple[int, int], length: int) -> None:
