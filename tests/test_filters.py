@@ -139,6 +139,11 @@ SESSION = [
                       "file": {"driver": "file", "filename": "d.img", "locking": "off"}}),
     ("blockdev-add", {"driver": "preallocate", "node-name": "p5", "prealloc-size": 1000,
                       "file": {"driver": "file", "filename": "d.img", "locking": "off"}}),
+    ("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
+                      "file": {"driver": "file", "filename": "d.img", "locking": "off"}}),
+    ("blockdev-add", {"driver": "copy-on-read", "node-name": "c2", "file": "ro"}),
+    ("blockdev-add", {"driver": "copy-on-read", "node-name": "c3", "read-only": True, "file": "ro"}),
+    ("blockdev-add", {"driver": "copy-on-read", "node-name": "c4", "bottom": "ro", "file": "ro"}),
     ("blockdev-del", {"node-name": "c0"}),
     ("blockdev-del", {"node-name": "p4"}),
 ]

@@ -40,6 +40,9 @@ class CopyOnReadNode(FilterNode):
         if self.bottom_name is not None and self.graph.lookup(self.bottom_name) is None:
             raise GenericError(f"Bottom node '{self.bottom_name}' not found")
         await super().open(options)
+        if self.filtered.read_only:
+            # The copies need write-unchanged, which a read-only node cannot give.
+            raise GenericError("Block node is read-only")
         self._copying: list[tuple[int, int]] = []
         self._copied = asyncio.Condition()
 
