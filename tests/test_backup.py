@@ -387,6 +387,35 @@ def session_running_jobs(s: Script) -> None:
     s.cmd("quit")
 
 
+def session_verbs(s: Script) -> None:
+    """Transcript l: pause, the verbs a backup refuses, cancel while paused."""
+    s.cmd("blockdev-add", qcow2("src", "src.qcow2"))
+    s.cmd("blockdev-add", qcow2("tf", "tf.qcow2"))
+    s.cmd("blockdev-backup", backup("slow", "src", "tf", "full", speed=64 << 10))
+    s.sh("sleep 0.3", log=False)
+    s.cmd("block-job-pause", {"device": "slow"})
+    s.cmd("query-block-jobs")
+    s.cmd("block-job-complete", {"device": "slow"})
+    s.cmd("job-complete", {"id": "slow"})
+    s.cmd("block-job-cancel", {"device": "slow"})
+    s.cmd("block-job-set-speed", {"device": "slow", "speed": 32 << 10})
+    s.cmd("job-resume", {"id": "slow"})
+    s.cmd("job-finalize", {"id": "slow"})
+    s.cmd("job-dismiss", {"id": "slow"})
+    s.cmd("block-job-pause", {"device": "slow"})
+    s.cmd("job-cancel", {"id": "slow"}, until=("slow", "null"))
+    s.cmd("blockdev-backup", backup("q", "src", "tf", "full", speed=64 << 10,
+                                    **{"auto-dismiss": False}))
+    s.sh("sleep 0.3", log=False)
+    s.cmd("block-job-cancel", {"device": "q", "force": True}, until=("q", "concluded"))
+    s.cmd("query-jobs")
+    s.cmd("block-job-dismiss", {"device": "q"})
+
+
+def test_job_verbs_match_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    differential(qemu_sd, qsd, workdir, SETUP, session_verbs)
+
+
 def test_backups_of_a_busy_device_match_qsd(qemu_sd, qsd, workdir: Path) -> None:
     differential(qemu_sd, qsd, workdir, SETUP, session_running_jobs)
 

@@ -36,6 +36,7 @@ from qsd.block.filters.copy_before_write import (BlockCopy, CopyBeforeWriteNode,
                                                  find_bitmap)
 from qsd.block.node import Node, Perm
 from qsd.jobs.job import BlockJob, Job
+from qsd.jobs.ratelimit import RateLimit
 from qsd.jobs.txn import JobTxn, TxnJobMixin
 from qsd.qmp.errors import GenericError, QMPError
 
@@ -98,6 +99,14 @@ class SyncBitmap:
             self.bitmap.merge_from(not_copied)
 
 
+class CopyRateLimit(RateLimit):
+    """QEMU's block-copy keeps what the current window already sent when the
+    speed changes: a slower limit does not let the next copy go at once."""
+
+    def set_speed(self, speed: int) -> None:
+        self.speed = speed
+
+
 class BackupJob(TxnJobMixin, BlockJob):
     """Copies what the copy bitmap says, alongside the filter's copies."""
 
@@ -108,6 +117,7 @@ class BackupJob(TxnJobMixin, BlockJob):
                  on_target_error: str, max_workers: int, max_chunk: int,
                  auto_finalize: bool, auto_dismiss: bool) -> None:
         super().__init__(daemon, job_id, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.limit = CopyRateLimit()
         assert cbw.bcs is not None
         self.cbw = cbw
         self.bcs: BlockCopy = cbw.bcs
