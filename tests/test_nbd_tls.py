@@ -373,3 +373,28 @@ def test_psk_file_first_entry_wins(tmp_path) -> None:
     path = tmp_path / "keys.psk"
     path.write_text("alice:00ff\nbob:zz\nalice:11\ncarol:abc\n\ndave:\n")
     assert read_psk_file(str(path)) == {"alice": b"\x00\xff", "dave": b""}
+
+
+def test_priority_versions(storage_daemon, workdir, image, pki) -> None:
+    """A priority string that leaves only TLS 1.2 still serves QEMU's client
+    (and qsd's context is limited to TLS 1.2)."""
+    _, sock = start(storage_daemon, workdir, image,
+                    [f"tls-creds-x509,id=tls0,dir={pki['srv']},endpoint=server,verify-peer=off,"
+                     "priority=NORMAL:-VERS-TLS1.3"], "tls-creds=tls0", writable=False)
+    r = run("qemu-img", "info", "--output=json", *x509_opts(pki["nocert"], sock))
+    assert json.loads(r.stdout)["virtual-size"] == SIZE
+
+
+def test_priority_parsing(pki) -> None:
+    import ssl
+
+    from qsd.crypto.tls import TLSCredsX509
+
+    def versions(priority: str) -> tuple[Any, Any]:
+        ctx = TLSCredsX509({"dir": str(pki["srv"]), "endpoint": "server", "priority": priority},
+                           lambda _: None).server_context()
+        return ctx.minimum_version, ctx.maximum_version
+
+    assert versions("NORMAL:-VERS-TLS1.3") == (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+    assert versions("NORMAL:-VERS-ALL:+VERS-TLS1.3") == (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3)
+    assert versions("@SYSTEM") == (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)

@@ -143,6 +143,29 @@ def _load_dh(ctx: ssl.SSLContext, path: str | None) -> None:
             os.close(w)
 
 
+_VERSIONS = {"TLS1.0": ssl.TLSVersion.TLSv1, "TLS1.1": ssl.TLSVersion.TLSv1_1,
+             "TLS1.2": ssl.TLSVersion.TLSv1_2, "TLS1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def apply_priority(ctx: ssl.SSLContext, priority: str | None) -> None:
+    """The protocol-version part of a GnuTLS priority string ("NORMAL:-VERS-TLS1.3",
+    "-VERS-ALL:+VERS-TLS1.2", ...); cipher keywords are left to OpenSSL's defaults."""
+    if not priority:
+        return
+    enabled = {ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3}
+    for token in priority.split(":"):
+        sign, name = token[:1], token[1:]
+        if sign not in ("+", "-") or not name.startswith("VERS-"):
+            continue
+        name = name[5:]
+        chosen = set(_VERSIONS.values()) if name in ("ALL", "TLS-ALL") else (
+            {_VERSIONS[name]} if name in _VERSIONS else set())
+        enabled = enabled | chosen if sign == "+" else enabled - chosen
+    if enabled:
+        ctx.minimum_version = min(enabled)
+        ctx.maximum_version = max(enabled)
+
+
 class TLSCreds:
     """Common properties: ``endpoint``, ``dir``, ``verify-peer``, ``priority``."""
 
@@ -179,6 +202,7 @@ class TLSCredsAnon(TLSCreds):
         if not self.is_server:
             return
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        apply_priority(ctx, props.get("priority"))
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(ANON_CIPHERS)
         ctx.verify_mode = ssl.CERT_NONE
@@ -241,6 +265,7 @@ class TLSCredsX509(TLSCreds):
         # a client without one is refused with QEMU's message; one that is
         # sent is verified by OpenSSL during the handshake.
         ctx.verify_mode = ssl.CERT_OPTIONAL if self.verify_peer else ssl.CERT_NONE
+        apply_priority(ctx, props.get("priority"))
         self._server_ctx = ctx
 
     def check_peer(self, sslobj: Any, authz_id: str | None,
@@ -353,6 +378,7 @@ class TLSCredsPSK(TLSCreds):
             return
         dh = _optional_file(self.dir, "dh-params.pem")
         self._server_ctx = _psk_server_context(self.keys_path, dh)
+        apply_priority(self._server_ctx, props.get("priority"))
 
 
 def _psk_server_context(keys_path: str, dh: str | None) -> ssl.SSLContext:
