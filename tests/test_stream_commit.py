@@ -6,6 +6,7 @@ and the rewritten backing file names in the qcow2 headers as QEMU writes them.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from test_mirror import Sh, Wait, cmd, pytestmark, run_both  # noqa: F401
 
@@ -108,3 +109,41 @@ def test_active_commit_soft_cancel_and_backing_file_error(tmp_path: Path) -> Non
         *_delete("top", "top-file", "mid", "mid-file", "base", "base-file"),
     ]
     run_both(tmp_path, CHAIN3, steps, images=("mid.qcow2", "top.qcow2"))
+
+
+def test_stream_while_guest_writes(tmp_path: Path, qsd: Any) -> None:
+    """Writes through an NBD export of the top land while the stream copies
+    backing data into the same top: no streamed (older) data may overwrite
+    them, and everything else comes from the chain."""
+    import subprocess
+
+    subprocess.run(CHAIN3, shell=True, cwd=tmp_path, check=True, capture_output=True)
+    d = qsd("--blockdev", "driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2",
+            "--nbd-server", "addr.type=unix,addr.path=n.sock",
+            "--export", "type=nbd,id=e,node-name=top,writable=on", wait_for=["n.sock"],
+            cwd=tmp_path)
+    q = d.qmp()
+    writes = []
+    for i in range(64):
+        writes += ["-c", f"write -P {0x80 + i % 64} {i * 3 * 65536 + 4096} 8k"]
+        if i % 4 == 3:
+            writes += ["-c", "sleep 10"]
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", *writes, "nbd+unix:///top?socket=n.sock"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL)
+    q.cmd("block-stream", **{"job-id": "s", "device": "top", "speed": 16 << 20})
+    ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert writer.wait(timeout=60) == 0
+    assert "error" not in ev["data"]
+    q.cmd("block-export-del", id="e")
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    d.stop()
+    info = subprocess.run(["qemu-img", "info", "top.qcow2"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout
+    assert "backing file" not in info
+    checks = []
+    for i in range(64):
+        checks += ["-c", f"read -P {0x80 + i % 64} {i * 3 * 65536 + 4096} 8k"]
+    checks += ["-c", "read -P 0x11 1M 64k", "-c", "read -P 0x22 7M 64k", "-c", "read -P 0x15 31M 1M", "-c", "read -P 0 30M 1M"]
+    res = subprocess.run(["qemu-io", "-r", *checks, "top.qcow2"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "verification failed" not in res.stdout, res.stdout
