@@ -189,3 +189,36 @@ def test_filter_node_info_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> 
         replies[tag] = [_normalized(q.execute(cmd, args)) for cmd, args in session]
         daemon.stop()
     assert replies["o"] == replies["q"]
+
+
+def test_preallocation_dropped_when_writers_leave(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    """blockdev-del of the format above the filter cuts the file back (the
+    filter node itself stays); qsd may finish just after the reply, so the
+    size is polled."""
+    import time
+
+    sizes = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        img = workdir / f"d-{tag}.qcow2"
+        _run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M", cwd=workdir)
+        sock = workdir / f"{tag}-nbd.sock"
+        daemon = factory("--blockdev", f"driver=file,node-name=f,filename={img.name}",
+                         "--blockdev", "driver=preallocate,node-name=p,file=f,prealloc-size=4194304",
+                         "--blockdev", "driver=qcow2,node-name=q,file=p",
+                         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                         "--export", "type=nbd,id=e0,node-name=q,writable=on", wait_for=[sock])
+        wrote = _qemu_io(sock, "q", "write -P 0x33 0 1M", cwd=workdir)
+        assert wrote == ["0: wrote 1048576/1048576 bytes at offset 0"]
+        grown = img.stat().st_size
+        q = daemon.qmp()
+        q.cmd("block-export-del", id="e0")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        q.cmd("blockdev-del", **{"node-name": "q"})
+        deadline = time.monotonic() + 30
+        while img.stat().st_size == grown and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sizes[tag] = img.stat().st_size
+        daemon.stop()
+        assert img.stat().st_size == sizes[tag]
+        _check(img)
+    assert sizes["o"] == sizes["q"]

@@ -11,6 +11,7 @@ format on top); then it keeps others from writing or resizing the file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -55,6 +56,24 @@ class PreallocateNode(FilterNode):
         if perm & Perm.WRITE and perm & Perm.RESIZE:
             return perm, shared & ~(Perm.WRITE | Perm.RESIZE)
         return perm, shared
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Parents that stop writing and resizing (a format closed above us)
+        leave the file as long as their data: the preallocation goes, and
+        the sizes are found again if writers come back."""
+        if perm & Perm.WRITE and perm & Perm.RESIZE or self.data_end < 0:
+            return
+        if self.file_end > self.data_end:
+            self._dropping = asyncio.get_running_loop().create_task(self._drop_and_forget())
+        else:
+            self.data_end = self.file_end = self.zero_start = -1
+
+    async def _drop_and_forget(self) -> None:
+        try:
+            await self._drop_preallocation()
+        except (OSError, GenericError, KeyError):
+            pass
+        self.data_end = self.file_end = self.zero_start = -1
 
     def _active(self) -> bool:
         edge = self.children.get(self.child_name)
