@@ -199,6 +199,21 @@ def test_x509_authz_missing_object(storage_daemon, workdir, image, pki) -> None:
     assert log_lines(d) == ["option negotiation failed: Cannot find QAuthZ object ID nope"]
 
 
+def test_objects_deleted_while_serving(storage_daemon, workdir, image, pki) -> None:
+    """object-del of the server's creds and authz succeeds: the server keeps
+    its credentials, but the authz object is looked up per client."""
+    d, sock = start(storage_daemon, workdir, image,
+                    [f"tls-creds-x509,id=tls0,dir={pki['srv']},endpoint=server",
+                     "authz-simple,id=az0,identity=" + CLIENT_DN.replace(",", ",,")],
+                    "tls-creds=tls0,tls-authz=az0", writable=False)
+    run("qemu-img", "info", *x509_opts(pki["cli"], sock))
+    q = d.qmp()
+    assert q.execute("object-del", {"id": "tls0"}) == {"return": {}}
+    assert q.execute("object-del", {"id": "az0"}) == {"return": {}}
+    assert run("qemu-img", "info", *x509_opts(pki["cli"], sock), check=False).returncode == 1
+    assert log_lines(d) == ["option negotiation failed: Cannot find QAuthZ object ID az0"]
+
+
 def test_x509_without_verify_peer(storage_daemon, workdir, image, pki) -> None:
     """verify-peer=off: any TLS client gets in, tls-authz is not consulted (QEMU 7.2)."""
     _, sock = start(storage_daemon, workdir, image,
@@ -254,8 +269,15 @@ def test_anon(storage_daemon, workdir, image) -> None:
 def test_qmp_errors(storage_daemon, workdir, pki, psk) -> None:
     """object-add and nbd-server-start with bad TLS input: QSD's replies."""
     bad = workdir / "bad"
-    for name in ("empty", "keyjunk", "dhjunk", "psk-junk", "psk-nouser"):
+    for name in ("empty", "keyjunk", "dhjunk", "psk-junk", "psk-nouser", "cajunk", "certjunk",
+                 "crljunk"):
         (bad / name).mkdir(parents=True)
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        for d in ("cajunk", "certjunk", "crljunk"):
+            (bad / d / name).write_bytes((pki["srv"] / name).read_bytes())
+    (bad / "cajunk" / "ca-cert.pem").write_text("junk\n")
+    (bad / "certjunk" / "server-cert.pem").write_text("junk\n")
+    (bad / "crljunk" / "ca-crl.pem").write_text("junk\n")
     for name in ("ca-cert.pem", "server-cert.pem"):
         (bad / "keyjunk" / name).write_bytes((pki["srv"] / name).read_bytes())
         (bad / "dhjunk" / name).write_bytes((pki["srv"] / name).read_bytes())
@@ -278,6 +300,13 @@ def test_qmp_errors(storage_daemon, workdir, pki, psk) -> None:
         add("tls-creds-x509", "x4", dir=str(bad / "dhjunk"), endpoint="server"),
         add("tls-creds-x509", "x5", dir=srv, endpoint="server", passwordid="nosuch"),
         add("tls-creds-x509", "x6", dir=str(pki["nocert"])),
+        add("tls-creds-x509", "x7", dir=str(bad / "cajunk"), endpoint="server"),
+        add("tls-creds-x509", "x8", dir=str(bad / "certjunk"), endpoint="server"),
+        add("tls-creds-x509", "x9", dir=str(bad / "cajunk"), endpoint="server",
+            **{"sanity-check": False}),
+        add("tls-creds-x509", "x10", dir=str(bad / "certjunk"), endpoint="server",
+            **{"sanity-check": False}),
+        add("tls-creds-x509", "x11", dir=str(bad / "crljunk"), endpoint="server"),
         add("tls-creds-x509", "srv", dir=srv, endpoint="server", **{"verify-peer": False}),
         add("tls-creds-psk", "p1", dir=str(bad / "empty"), endpoint="server"),
         add("tls-creds-psk", "p2", dir=str(bad / "psk-junk"), endpoint="client", username="alice"),
@@ -316,7 +345,15 @@ def test_qmp_errors(storage_daemon, workdir, pki, psk) -> None:
         f"Unable to load DH parameters from {bad / 'dhjunk' / 'dh-params.pem'}: "
         "Base64 unexpected header error.",
         "No secret with id 'nosuch'",
-        {}, {},
+        {},
+        f"Unable to import CA certificate list {bad / 'cajunk' / 'ca-cert.pem'}",
+        f"Unable to import server certificate {bad / 'certjunk' / 'server-cert.pem'}: "
+        "Base64 unexpected header error.",
+        {},
+        f"Cannot load certificate '{bad / 'certjunk' / 'server-cert.pem'}' & key "
+        f"'{bad / 'certjunk' / 'server-key.pem'}': Base64 decoding error.",
+        f"Cannot load CRL '{bad / 'crljunk' / 'ca-crl.pem'}': Base64 decoding error.",
+        {},
         f"Unable to access credentials {bad / 'empty' / 'keys.psk'}: No such file or directory",
         "Cannot set PSK client credentials: Error in parsing.",
         f"Username alice not found in PSK file {bad / 'psk-nouser' / 'keys.psk'}",

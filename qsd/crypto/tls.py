@@ -244,21 +244,23 @@ class TLSCredsX509(TLSCreds):
             return
         assert cert is not None and key is not None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
+        if _load_pems(ca):      # GnuTLS takes a CA file without certificates as an empty list
             ctx.load_verify_locations(ca)
-        except (ssl.SSLError, OSError) as e:
-            raise GenericError(f"Cannot load CA certificate {ca}: {_reason(e)}") from None
         try:
             ctx.load_cert_chain(cert, key, password=password)
         except (ssl.SSLError, OSError) as e:
-            why = ("The certificate and the given key do not match."
-                   if "KEY_VALUES_MISMATCH" in str(e) else "The requested data were not available.")
+            if not _load_pems(cert):
+                why = "Base64 decoding error."
+            elif "KEY_VALUES_MISMATCH" in str(e):
+                why = "The certificate and the given key do not match."
+            else:
+                why = "The requested data were not available."
             raise GenericError(f"Cannot load certificate '{cert}' & key '{key}': {why}") from None
         if crl is not None:
             try:
                 ctx.load_verify_locations(crl)
-            except (ssl.SSLError, OSError) as e:
-                raise GenericError(f"Cannot load CRL {crl}: {_reason(e)}") from None
+            except (ssl.SSLError, OSError):
+                raise GenericError(f"Cannot load CRL '{crl}': Base64 decoding error.") from None
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         _load_dh(ctx, dh)
         # The certificate is checked after the handshake (check_peer) so that
@@ -285,10 +287,6 @@ class TLSCredsX509(TLSCreds):
             raise TLSPeerRejected(f"TLS x509 authz check for {dn} is denied")
 
 
-def _reason(e: Exception) -> str:
-    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-
-
 def distinguished_name(name: x509.Name) -> str:
     """A subject as GnuTLS prints it: RDNs in certificate order, short names, RFC 4514 escapes."""
     parts = []
@@ -310,9 +308,15 @@ def _sanity_check(ca_path: str, cert_path: str | None, role: str) -> None:
     now = datetime.datetime.now(datetime.UTC)
     certs: list[tuple[x509.Certificate, str, str]] = []
     if cert_path is not None:
-        for cert in _load_pems(cert_path)[:1]:
-            certs.append((cert, f"The {role} certificate {cert_path}", cert_path))
-    for cert in _load_pems(ca_path):
+        found = _load_pems(cert_path)
+        if not found:
+            raise GenericError(f"Unable to import {role} certificate {cert_path}: "
+                               f"{_pem_error(cert_path)}")
+        certs.append((found[0], f"The {role} certificate {cert_path}", cert_path))
+    cas = _load_pems(ca_path)
+    if not cas:
+        raise GenericError(f"Unable to import CA certificate list {ca_path}")
+    for cert in cas:
         certs.append((cert, f"The CA certificate {ca_path}", ca_path))
     for cert, what, path in certs:
         if cert.not_valid_after_utc < now:
@@ -329,12 +333,22 @@ def _sanity_check(ca_path: str, cert_path: str | None, role: str) -> None:
 
 
 def _load_pems(path: str) -> list[x509.Certificate]:
+    """The certificates in a PEM file; none when it cannot be parsed."""
     try:
         with open(path, "rb") as f:
             return x509.load_pem_x509_certificates(f.read())
     except (OSError, ValueError):
-        raise GenericError(f"Unable to import certificate {path}: "
-                           "The requested data were not available.") from None
+        return []
+
+
+def _pem_error(path: str) -> str:
+    """GnuTLS's reason for a PEM file it cannot decode."""
+    try:
+        with open(path, "rb") as f:
+            header = b"-----BEGIN" in f.read()
+    except OSError:
+        header = False
+    return "Base64 decoding error." if header else "Base64 unexpected header error."
 
 
 def read_psk_file(path: str) -> dict[str, bytes]:
