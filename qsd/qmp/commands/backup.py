@@ -72,7 +72,8 @@ class _BackupAction(Action):
 
     async def abort(self) -> None:
         job, self.job = self.job, None
-        if job is not None:
+        # A job of a group may be gone already (the group aborted with the first).
+        if job is not None and job.status != "null":
             await job.cancel_sync()
 
     async def clean(self) -> None:
