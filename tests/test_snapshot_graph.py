@@ -120,3 +120,30 @@ def test_blockdev_reopen(tmp_path: Path) -> None:
         Sh("qemu-img info top.qcow2 | grep backing"),
     ]
     run_both(tmp_path, setup, steps, images=("top.qcow2",))
+
+
+def test_graph_commands_on_a_mirrored_node(tmp_path: Path) -> None:
+    """Transcript i2's effect: commands that drain the source of a ready
+    mirror make it flap standby/ready (in QSD's number and order) and are
+    refused by the job's blocker; quit then cancels the job."""
+    setup = ("qemu-img create -q -f qcow2 s.qcow2 64M && qemu-io -c 'write 0 8M' s.qcow2"
+             " && qemu-img create -q -f qcow2 t.qcow2 64M && qemu-img create -q -f qcow2 o.qcow2 64M")
+    steps = [
+        add_qcow2("s", "s.qcow2"),
+        add_qcow2("t", "t.qcow2"),
+        add_qcow2("o", "o.qcow2", backing=None),
+        cmd("blockdev-mirror", job_id="m", device="s", target="t", sync="full"),
+        Wait("BLOCK_JOB_READY"),
+        cmd("blockdev-snapshot", node="s", overlay="o"),
+        cmd("blockdev-snapshot-sync", node_name="s", snapshot_file="x.qcow2",
+            snapshot_node_name="x"),
+        cmd("change-backing-file", device="s", image_node_name="s", backing_file="x"),
+        cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "s",
+                                          "file": {"driver": "file", "filename": "s.qcow2"}}]),
+        cmd("block-stream", job_id="st", device="s"),
+        cmd("block-commit", job_id="c", device="s"),
+        cmd("blockdev-mirror", job_id="m2", device="s", target="o", sync="full"),
+        cmd("query-block-jobs"),
+        cmd("quit"),
+    ]
+    run_both(tmp_path, setup, steps)

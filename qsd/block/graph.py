@@ -431,12 +431,16 @@ class Graph:
             n.drain_begin()
         try:
             for n in quiet.values():
+                await n.drained_poll()
+            for n in quiet.values():
                 await n.wait_idle()
             yield
         finally:
             for n in quiet.values():
                 n.unquiesce()
                 n.drain_end()
+            for n in quiet.values():
+                await n.undrained_poll()
 
     # ----- closing -----------------------------------------------------
     async def close_node(self, node: Node) -> None:

@@ -326,6 +326,14 @@ class Node:
     def drain_end(self) -> None:
         """A drained section on this node closed (``quiesce_count`` is down)."""
 
+    async def drained_poll(self) -> None:
+        """Return once what ``drain_begin`` asked for has happened (a job's
+        filter: the job has reached its pause point), as QEMU's drain polls."""
+
+    async def undrained_poll(self) -> None:
+        """Return once what ``drain_end`` let go has gone on (a job's filter:
+        the job has left its pause point), as QEMU resumes jobs at once."""
+
     def debug_event(self, event: str) -> None:
         """QEMU's bdrv_debug_event: ``event`` (a BlkdebugEvent name) happened
         to this node. Formats fire ``read_aio``/``write_aio`` on their file

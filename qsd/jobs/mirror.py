@@ -235,6 +235,8 @@ class MirrorJob(BlockJob):
         self._in_flight: dict[int, int] = {}  # chunk index -> bytes
         self._in_flight_bytes = 0
         self._drain: contextlib.AsyncExitStack | None = None
+        #: True while the job opens a drained section of its own (it must not pause for it).
+        self.own_drain = False
         self._pivoted = False
         self._copier = Copier(unmap, False)
         self._failure: BaseException | None = None
@@ -272,8 +274,7 @@ class MirrorJob(BlockJob):
             raise
         self.bitmap = DirtyBitmap(None, self.source.size, self.granularity)
         self.source.dirty_bitmaps.append(self.bitmap)
-        if self.write_blocking:
-            node.job = self
+        node.job = self
 
     # ----- the copy loop -----------------------------------------------
     async def run(self) -> None:
@@ -402,7 +403,11 @@ class MirrorJob(BlockJob):
         stays drained until the job's graph change)."""
         assert self.bitmap is not None
         stack = contextlib.AsyncExitStack()
-        await stack.enter_async_context(self.graph.drained(self.source))
+        self.own_drain = True
+        try:
+            await stack.enter_async_context(self.graph.drained(self.source))
+        finally:
+            self.own_drain = False
         try:
             await self._wait_in_flight()
             while self.bitmap.count():
@@ -417,6 +422,22 @@ class MirrorJob(BlockJob):
             await stack.aclose()
             raise
         self._drain = stack
+
+    async def wait_paused(self) -> None:
+        """For a drained section: until the job sits in a pause point (or
+        is past the phase in which it runs)."""
+        await asyncio.sleep(0)
+        while (self.pause_count > 0 and not self.paused and not self.is_cancelled
+               and self.status in ("running", "ready") and self._task is not None
+               and not self._task.done()):
+            await asyncio.sleep(0.001)
+
+    async def wait_resumed(self) -> None:
+        """After a drained section: until a job no longer asked to pause has
+        left its pause point."""
+        while (self.pause_count == 0 and self.paused and self._task is not None
+               and not self._task.done()):
+            await asyncio.sleep(0)
 
     async def pause_point(self) -> None:
         """As QEMU's mirror_pause: copies in flight finish before the job
@@ -489,7 +510,7 @@ class MirrorJob(BlockJob):
         if self.bitmap is not None and self.bitmap in self.source.dirty_bitmaps:
             self.source.dirty_bitmaps.remove(self.bitmap)
         if self.filter is not None:
-            self.filter.job = None
+            self.filter.release_job()
         try:
             await self._remove_filter()
         finally:

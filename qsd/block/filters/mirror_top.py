@@ -27,20 +27,49 @@ class MirrorTopNode(FilterNode):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The job, while it wants to see writes (write-blocking mode).
+        #: The job, while it runs.
         self.job: "MirrorJob | None" = None
+        #: Drained sections that paused the job (QEMU pauses jobs on drain).
+        self._drain_pauses = 0
 
     async def drv_write(self, offset: int, data: bytes | bytearray | memoryview,
                         fua: bool = False) -> None:
         await self.filtered.write(offset, data, fua)
-        if self.job is not None:
+        if self.job is not None and self.job.write_blocking:
             await self.job.write_through(offset, len(memoryview(data)), data=data)
 
     async def drv_write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
                                fua: bool = False, no_fallback: bool = False) -> None:
         await self.filtered.write_zeroes(offset, length, may_unmap, fua, no_fallback)
-        if self.job is not None:
+        if self.job is not None and self.job.write_blocking:
             await self.job.write_through(offset, length, zero=True, may_unmap=may_unmap)
+
+    # A drained section over the job's nodes pauses the job until it ends, so
+    # a ready job shows standby/ready around it, as in QSD.
+    def drain_begin(self) -> None:
+        if self.job is not None and not self.job.own_drain:
+            self._drain_pauses += 1
+            self.job.pause()
+
+    def drain_end(self) -> None:
+        if self._drain_pauses and self.job is not None:
+            self._drain_pauses -= 1
+            self.job.resume()
+
+    async def drained_poll(self) -> None:
+        if self._drain_pauses and self.job is not None:
+            await self.job.wait_paused()
+
+    async def undrained_poll(self) -> None:
+        if self.job is not None:
+            await self.job.wait_resumed()
+
+    def release_job(self) -> None:
+        """The job is done with this node: give back the drain pauses it holds."""
+        job, self.job = self.job, None
+        while self._drain_pauses and job is not None:
+            self._drain_pauses -= 1
+            job.resume()
 
     async def drv_discard(self, offset: int, length: int) -> None:
         """Dropped, as QEMU drops discards on a node opened without

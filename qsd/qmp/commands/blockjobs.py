@@ -9,6 +9,7 @@ job's own arguments, then the job (its id), then the graph changes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -219,8 +220,9 @@ async def block_commit(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]
 
 # ----- external snapshots ----------------------------------------------------------
 def check_snapshot_source(node: Node) -> None:
-    """QEMU's external-snapshot op blockers: jobs and backing links."""
-    for edge in node.parents:
+    """QEMU's external-snapshot op blockers: jobs and backing links, the
+    newest first (QEMU reports the blocker added last)."""
+    for edge in reversed(node.parents):
         if edge.blocker:
             raise GenericError(f"Node '{node.node_name}' is busy: {edge.blocker}")
 
@@ -233,6 +235,21 @@ class _SnapshotBase(Action):
     old: Node | None = None
     new: Node | None = None
     appended = False
+    _drain: contextlib.AsyncExitStack | None = None
+
+    async def drain_old(self, old: Node) -> None:
+        """As QEMU's transaction: drain everything once, then keep ``old``
+        drained until the action is cleaned up (jobs on it pause meanwhile)."""
+        g = self.daemon.graph
+        async with g.drained(*g.nodes.values()):
+            pass
+        self._drain = contextlib.AsyncExitStack()
+        await self._drain.enter_async_context(g.drained(old))
+
+    async def clean(self) -> None:
+        if self._drain is not None:
+            drain, self._drain = self._drain, None
+            await drain.aclose()
 
     async def append(self) -> None:
         old, new = self.old, self.new
@@ -269,6 +286,7 @@ class BlockdevSnapshot(_SnapshotBase):
     async def prepare(self) -> None:
         g = self.daemon.graph
         self.old = g.find(self.args["node"], None)
+        await self.drain_old(self.old)
         check_snapshot_source(self.old)
         self.new = g.find(self.args["overlay"], None)
         await self.append()
@@ -285,6 +303,7 @@ class BlockdevSnapshotSync(_SnapshotBase):
         if node is None:
             raise GenericError(f"Cannot find device='{device}' nor node-name='{name}'")
         self.old = node
+        await self.drain_old(node)
         check_snapshot_source(node)
         new_name = self.args.get("snapshot-node-name")
         if new_name is None:
@@ -305,6 +324,7 @@ class BlockdevSnapshotSync(_SnapshotBase):
 
     async def clean(self) -> None:
         """An overlay nobody uses (the node had no users) goes at once, as in QSD."""
+        await super().clean()
         new = self.created
         if new is not None and self.appended and not new.parents:
             await self.daemon.graph.close_node(new)
@@ -431,8 +451,12 @@ async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, A
                 raise GenericError(f"Cannot change the option '{key}'")
         if "file" in opts and "file" in node.children:
             ref = opts["file"]
-            if not isinstance(ref, str):
-                raise GenericError("Cannot change the option 'file'")
+            current = node.children["file"].child
+            if isinstance(ref, dict):
+                # inline options naming the child it already has are accepted
+                if any(current.options.get(k) != v for k, v in ref.items()):
+                    raise GenericError("Cannot change the option 'file'")
+                ref = current.node_name
             new_file = g.find(ref, "")
             if new_file is not node.children["file"].child:
                 await g.set_backing(node, new_file, name="file", check_only=True)
