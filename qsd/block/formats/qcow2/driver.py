@@ -538,8 +538,10 @@ class Qcow2Node(ClusterMap, Node):
         self._check_writable()
         data = memoryview(data).cast("B")
         fresh: tuple[int, int, bool] | None = None
-        async with self._range_lock(offset, len(data)):
-            await self._before_write()
+        await self._acquire_range(offset, len(data))
+        try:
+            if self.lazy_refcounts and not self._marked_dirty:
+                await self._before_write()
             host = self._overwrite_host(offset, len(data))
             if host is None:
                 fresh = await self._fresh_cluster(offset, len(data))
@@ -550,6 +552,8 @@ class Qcow2Node(ClusterMap, Node):
                     self._allocating[offset >> self.cbits] = asyncio.Event()
             else:
                 self._overwrites += 1
+        finally:
+            self._lock.release()
         if fresh is not None:
             await self._write_fresh(offset, data, *fresh)
         elif host is not None:
@@ -564,21 +568,27 @@ class Qcow2Node(ClusterMap, Node):
         if fua:
             await self.flush()
 
-    @contextlib.asynccontextmanager
-    async def _range_lock(self, offset: int = 0,
-                          length: int | None = None) -> AsyncIterator[None]:
-        """The node lock, once no cluster of the range (None: of the image)
-        is still being allocated outside it."""
+    async def _acquire_range(self, offset: int = 0, length: int | None = None) -> None:
+        """Take the node lock once no cluster of the range (None: of the
+        image) is still being allocated outside it; the caller releases it."""
         while True:
             await self._lock.acquire()
+            if not self._allocating:
+                return
             first = offset >> self.cbits
             last = None if length is None else (offset + max(length, 1) - 1) >> self.cbits
             busy = next((ev for c, ev in self._allocating.items()
                          if c >= first and (last is None or c <= last)), None)
             if busy is None:
-                break
+                return
             self._lock.release()
             await busy.wait()
+
+    @contextlib.asynccontextmanager
+    async def _range_lock(self, offset: int = 0,
+                          length: int | None = None) -> AsyncIterator[None]:
+        """:meth:`_acquire_range` as a context."""
+        await self._acquire_range(offset, length)
         try:
             yield
         finally:
