@@ -167,6 +167,15 @@ SESSIONS: dict[str, list] = {
         ex("block-dirty-bitmap-clear", node="r", name="a"),
         ex("block-dirty-bitmap-remove", node="r", name="a"),
         QNBN,
+        # The deprecated nbd-server-add takes one bitmap.
+        ex("nbd-server-add", device="r", bitmap="b"),
+        ex("nbd-server-add", device="n", bitmap="c"),
+        ex("nbd-server-add", device="n", bitmap="c", writable=True),
+        ex("nbd-server-add", device="q", name="q2", bitmap="nope"),
+        ex("block-dirty-bitmap-enable", node="r", name="b"),
+        ex("nbd-server-remove", name="r"),
+        ex("block-dirty-bitmap-enable", node="r", name="b"),
+        ex("query-block-exports"),
     ],
     # Transactions of bitmap actions: all applied, or all undone on failure.
     "transaction": [
