@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qmpdiff import Shell, have_qsd, run_session
 
+from qsd.block.bitmap import DirtyBitmap
 from qsd.export.nbd.contexts import (
     BASE_ALLOCATION,
     AllocationDepth,
@@ -30,7 +31,6 @@ from qsd.export.nbd.contexts import (
     MetaContext,
 )
 from qsd.export.nbd.protocol import IHAVEOPT, Opt, Rep, ServerConnection
-from qsd.block.bitmap import DirtyBitmap
 
 CAPS = '{"execute": "qmp_capabilities"}\n'
 URI = "nbd+unix:///{}?socket=nbd.sock"
