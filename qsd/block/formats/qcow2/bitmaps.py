@@ -219,6 +219,9 @@ class BitmapStore:
         self.stored = await self._read_directory()
         img.add_metadata(self.dir_offset, self.dir_size, "bitmap directory")
         for sb in self.stored:
+            if bitmap_bytes(img.size, 1 << sb.granularity_bits) > MAX_PHYS_SIZE:
+                # Bounded for bitmaps whose table is not checked (IN_USE) too.
+                raise GenericError(f"Bitmap '{sb.name}' doesn't satisfy the constraints")
             bm = DirtyBitmap(sb.name, img.size, 1 << sb.granularity_bits, persistent=True,
                              enabled=bool(sb.flags & FLAG_AUTO))
             if sb.flags & FLAG_IN_USE:
