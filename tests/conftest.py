@@ -33,8 +33,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# No per-example deadline: the suite shares 2 cores with real QEMU processes and
+# guests, and a slow example is not a failure of the property being tested.
+settings.register_profile("qsd", deadline=None)
+settings.load_profile("qsd")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 QEMU_SD_BIN = "qemu-storage-daemon"
