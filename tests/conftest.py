@@ -122,9 +122,20 @@ class RawQMP:
         if isinstance(address, tuple):
             self.sock = socket.create_connection(address, timeout=timeout)
         else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(os.fspath(address))
+            # The socket file appears at bind(), a moment before listen(): on a
+            # loaded machine a connect can land in between, so retry briefly.
+            deadline = time.monotonic() + 10
+            while True:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                try:
+                    self.sock.connect(os.fspath(address))
+                    break
+                except ConnectionRefusedError:
+                    self.sock.close()
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         self._buf = b""
         self._decoder = json.JSONDecoder()
         self.transcript: list[tuple[str, bytes]] = []

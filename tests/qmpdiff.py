@@ -110,8 +110,19 @@ class Session:
             time.sleep(0.02)
 
     def connect(self, sock: str, greeting: bool) -> None:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(str(self.workdir / sock))
+        # The socket file appears at bind(), a moment before listen(): a loaded
+        # machine can land a connect in between.
+        deadline = time.monotonic() + 20
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(self.workdir / sock))
+                break
+            except ConnectionRefusedError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.conns.append(s)
         self.current = len(self.conns) - 1
         self.log.append(b"# connect %d\n" % self.current)
