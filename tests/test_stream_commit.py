@@ -147,3 +147,24 @@ def test_stream_while_guest_writes(tmp_path: Path, qsd: Any) -> None:
     res = subprocess.run(["qemu-io", "-r", *checks, "top.qcow2"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert res.returncode == 0 and "verification failed" not in res.stdout, res.stdout
+
+
+def test_commit_into_implicitly_opened_read_only_backing(tmp_path: Path) -> None:
+    """The chain opened from the image headers is read-only below the top:
+    both commits make the base (and the overlay whose header changes)
+    writable for the job and read-only again after, as QSD."""
+    steps = [
+        cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": "top.qcow2"}),
+        cmd("block-commit", job_id="c0", device="top", top="mid.qcow2"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        Sh(INFO),
+        cmd("block-commit", job_id="c1", device="top"),
+        Wait("BLOCK_JOB_READY"),
+        cmd("job-complete", id="c1"),
+        Wait("JOB_STATUS_CHANGE", "null"),
+        cmd("blockdev-del", node_name="top"),
+        Sh("qemu-io -r -c 'read -P 0x11 0 3M' -c 'read -P 0x34 3M 2M' -c 'read -P 0x22 5M 3M'"
+           " -c 'read -P 0x33 8M 4M' base.qcow2 | grep -v ops"),
+    ]
+    run_both(tmp_path, CHAIN3, steps, images=("base.qcow2", "top.qcow2"))

@@ -14,6 +14,7 @@ on job-complete (:mod:`qsd.jobs.mirror`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.filters.commit_top import CommitTopNode
@@ -24,7 +25,7 @@ from qsd.jobs.stream import chain_contains, find_backing_image, set_backing_file
 from qsd.qmp.errors import DeviceNotFound, GenericError
 
 if TYPE_CHECKING:
-    from qsd.block.graph import Edge
+    from qsd.block.graph import Edge, Graph
     from qsd.daemon import Daemon
 
 #: Bytes looked at per step (QEMU's COMMIT_BUFFER_SIZE is 512 KiB).
@@ -52,6 +53,8 @@ class CommitJob(BlockJob):
         self.edges: list["Edge"] = []
         self.base_edge: "Edge | None" = None
         self._copier = Copier(True, False)
+        #: Undo steps for read-only nodes made writable for the job.
+        self.after_clean: list[Callable[[], Awaitable[None]]] = []
 
     async def setup(self) -> None:
         """Filter above the top, the base for writing, the layers blocked."""
@@ -146,6 +149,57 @@ class CommitJob(BlockJob):
         if self.base_edge is not None:
             await g.detach(self.base_edge)
             self.base_edge = None
+        while self.after_clean:
+            await self.after_clean.pop()()
+
+
+async def set_read_only(node: Node, read_only: bool) -> None:
+    """Switch a format node between read-only and read-write; it flushes what
+    it cached before it stops writing (qcow2 then refuses writes, as after a
+    read-only open)."""
+    if node.read_only == read_only:
+        return
+    if read_only:
+        await node.flush()
+    node.read_only = read_only
+    if hasattr(node, "_writable"):
+        node._writable = not read_only  # type: ignore[attr-defined]
+
+
+async def reopen_read_write(graph: "Graph", node: Node) -> Callable[[], Awaitable[None]]:
+    """QEMU's bdrv_reopen_set_read_only(node, false) for a commit: the node
+    and the protocol nodes under it become writable (a file reopens its
+    descriptor read-write when a writer comes, as with auto-read-only);
+    returns what puts them back when the job is done."""
+    if not node.read_only:
+        async def nothing() -> None:
+            return None
+        return nothing
+    files: list[tuple[Node, bool]] = []
+    it: Node | None = node
+    while it is not None and "file" in it.children:
+        it = it.children["file"].child
+        if it.read_only and hasattr(it, "_dynamic_ro"):
+            files.append((it, it._dynamic_ro))  # type: ignore[attr-defined]
+            it.read_only = False
+            it._dynamic_ro = True  # type: ignore[attr-defined]
+    await set_read_only(node, False)
+    try:
+        graph.check_own_perms(node)
+    except BaseException:
+        await set_read_only(node, True)
+        for f, dyn in files:
+            f.read_only = True
+            f._dynamic_ro = dyn  # type: ignore[attr-defined]
+        raise
+
+    async def restore() -> None:
+        await set_read_only(node, True)
+        graph.check_own_perms(node)
+        for f, dyn in files:
+            f.read_only = True
+            f._dynamic_ro = dyn  # type: ignore[attr-defined]
+    return restore
 
 
 def find_overlay(device: Node, node: Node) -> Node:
@@ -221,13 +275,25 @@ async def start_commit(daemon: "Daemon", args: dict[str, Any]) -> None:
         job = MirrorJob(daemon, args.get("job-id", ""), node, base, sync="top", base=base,
                         on_source_error=on_error, on_target_error=on_error,
                         filter_name=filter_name, commit=True, **options)
-        await start_mirror(daemon, job, args.get("speed", 0), "speed" in args)
+        try:
+            job.after_clean.append(await reopen_read_write(g, base))
+        except BaseException:
+            job.discard()
+            raise
+        try:
+            await start_mirror(daemon, job, args.get("speed", 0), "speed" in args)
+        except BaseException:
+            for undo in job.after_clean:
+                await undo()
+            raise
         return
     overlay = find_overlay(node, top)
     job = CommitJob(daemon, args.get("job-id", ""), node, top, base, overlay,
                     args.get("backing-file"), on_error, filter_name,
                     options["auto_finalize"], options["auto_dismiss"])
     try:
+        job.after_clean.append(await reopen_read_write(g, base))
+        job.after_clean.append(await reopen_read_write(g, overlay))
         if "speed" in args:
             await job.set_speed(args["speed"])
         await job.setup()

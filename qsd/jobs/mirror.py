@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.bitmap import DirtyBitmap
@@ -241,6 +242,8 @@ class MirrorJob(BlockJob):
         self._copier = Copier(unmap, False)
         self._failure: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Undo steps run last in clean (an active commit's base made writable).
+        self.after_clean: list[Callable[[], Awaitable[None]]] = []
 
     # ----- set-up ---------------------------------------------------------
     async def setup(self) -> None:
@@ -521,6 +524,8 @@ class MirrorJob(BlockJob):
             if self._drain is not None:
                 drain, self._drain = self._drain, None
                 await drain.aclose()
+            while self.after_clean:
+                await self.after_clean.pop()()
 
     async def _remove_filter(self) -> None:
         node, self.filter = self.filter, None

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from qsd.block.node import DRIVERS, CreateContext, Node, Perm, Role
-from qsd.jobs.commit import start_commit
+from qsd.jobs.commit import set_read_only, start_commit
 from qsd.jobs.mirror import MirrorJob, chain_next, check_granularity, start_mirror
 from qsd.jobs.stream import start_stream
 from qsd.qmp.actions import Action, action
@@ -406,18 +406,6 @@ def _creates_cycle(node: Node, backing: Node) -> bool:
     return False
 
 
-async def _set_read_only(node: Node, read_only: bool) -> None:
-    """Switch a node between read-only and read-write; a format flushes what
-    it cached first (qcow2 then refuses writes, as after a read-only open)."""
-    if node.read_only == read_only:
-        return
-    if read_only:
-        await node.flush()
-    node.read_only = read_only
-    if hasattr(node, "_writable"):
-        node._writable = not read_only  # type: ignore[attr-defined]
-
-
 @command("blockdev-reopen")
 async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     """All nodes are checked first, then changed: read-only, backing child
@@ -479,7 +467,7 @@ async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, A
                                "read-write users")
     for node, opts, backing in plans:
         async with g.drained(node):
-            await _set_read_only(node, bool(opts.get("read-only", False)))
+            await set_read_only(node, bool(opts.get("read-only", False)))
             node.detect_zeroes = opts.get("detect-zeroes", "off")
             node.discard_mode = opts.get("discard", "ignore")
             node.options = {**node.options, **{k: v for k, v in opts.items()
