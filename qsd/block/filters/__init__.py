@@ -9,7 +9,7 @@ commit_top, copy-before-write) use the same base.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from qsd.block.node import Extent, Node, Role
 
@@ -19,8 +19,17 @@ class FilterNode(Node):
 
     is_filter = True
     file_role = Role.FILTERED | Role.PRIMARY
-    reports_dirty_flag = False
     child_name = "file"
+    #: Answers query-named-block-nodes' dirty-flag with its child's (QEMU's
+    #: filters that forward get_info: throttle, blkdebug, copy-on-read, ...).
+    dirty_flag_from_child: ClassVar[bool] = False
+    #: False for filters that must see every read: exports then get no host
+    #: mapping of the child's file and go through the filter.
+    maps_host: ClassVar[bool] = True
+
+    @property
+    def reports_dirty_flag(self) -> bool:  # type: ignore[override]
+        return self.dirty_flag_from_child and self.filtered.reports_dirty_flag
 
     async def open(self, options: dict[str, Any]) -> None:
         await self.open_child(self.child_name, options[self.child_name], self.file_role)
@@ -56,10 +65,14 @@ class FilterNode(Node):
         await self.filtered.truncate(size, exact, prealloc)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.filtered.block_status(offset, length)
+        extents = await self.filtered.block_status(offset, length)
+        if not self.maps_host:
+            for extent in extents:
+                extent.host_fd = -1
+        return extents
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        return self.filtered.host_extent(offset, length)
+        return self.filtered.host_extent(offset, length) if self.maps_host else None
 
     @property
     def filename(self) -> str:

@@ -324,6 +324,9 @@ def build_rules(config: bytes | None, inject: list[dict[str, Any]],
 @register_driver
 class BlkdebugNode(FilterNode):
     driver = "blkdebug"
+    dirty_flag_from_child = True
+    #: Every read has to pass the rules.
+    maps_host = False
     child_name = "image"
 
     async def open(self, options: dict[str, Any]) -> None:
@@ -576,19 +579,9 @@ class BlkdebugNode(FilterNode):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         await self._check(offset, length, "block-status")
-        extents = await self.filtered.block_status(offset, length)
-        for extent in extents:
-            extent.host_fd = -1
-        return extents
-
-    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        """Never: every read has to pass the rules."""
-        return None
+        return await super().block_status(offset, length)
 
     # ----- introspection --------------------------------------------------------
-    @property
-    def reports_dirty_flag(self) -> bool:  # type: ignore[override]
-        return self.filtered.reports_dirty_flag
 
     def actual_size(self) -> int | None:
         """QEMU shows none for blkdebug."""

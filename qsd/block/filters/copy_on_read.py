@@ -34,6 +34,7 @@ def _backing(node: Node) -> Node | None:
 @register_driver
 class CopyOnReadNode(FilterNode):
     driver = "copy-on-read"
+    dirty_flag_from_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         self.bottom_name: str | None = options.get("bottom")
@@ -149,9 +150,6 @@ class CopyOnReadNode(FilterNode):
         return mapping
 
     # ----- introspection --------------------------------------------------------
-    @property
-    def reports_dirty_flag(self) -> bool:  # type: ignore[override]
-        return self.filtered.reports_dirty_flag
 
     def json_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"driver": self.driver, "file": child_json(self.filtered)}

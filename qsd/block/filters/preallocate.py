@@ -33,6 +33,7 @@ def _align_up(value: int, align: int) -> int:
 @register_driver
 class PreallocateNode(FilterNode):
     driver = "preallocate"
+    dirty_flag_from_child = True
     #: Size the parents' data reaches, end of the preallocated zeroes and
     #: end of the file; -1 while unknown (no write/resize permission yet).
     data_end = -1
@@ -166,9 +167,6 @@ class PreallocateNode(FilterNode):
                 pass
 
     # ----- introspection --------------------------------------------------------
-    @property
-    def reports_dirty_flag(self) -> bool:  # type: ignore[override]
-        return self.filtered.reports_dirty_flag
 
     def json_options(self) -> dict[str, Any]:
         """QEMU spells out none of the filter's own options."""

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from qsd.block.filters import FilterNode
-from qsd.block.node import Extent, register_driver
+from qsd.block.node import register_driver
 from qsd.block.throttle import ThrottleGroupMember
 from qsd.qmp.errors import GenericError
 from qsd.qmp.keyorder import qemu_items
@@ -31,6 +31,9 @@ def child_json(node: Any) -> dict[str, Any]:
 @register_driver
 class ThrottleNode(FilterNode):
     driver = "throttle"
+    dirty_flag_from_child = True
+    #: Reads must come through the limits.
+    maps_host = False
     member: ThrottleGroupMember | None = None
 
     async def open(self, options: dict[str, Any]) -> None:
@@ -81,20 +84,8 @@ class ThrottleNode(FilterNode):
         await self._throttle(length, True)
         await self.filtered.discard(offset, length)
 
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        extents = await self.filtered.block_status(offset, length)
-        for extent in extents:
-            extent.host_fd = -1
-        return extents
-
-    def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        """Never: reads must come through the limits."""
-        return None
 
     # ----- introspection --------------------------------------------------------
-    @property
-    def reports_dirty_flag(self) -> bool:  # type: ignore[override]
-        return self.filtered.reports_dirty_flag
 
     def json_options(self) -> dict[str, Any]:
         return dict(qemu_items({"throttle-group": self.group_name, "driver": self.driver,
