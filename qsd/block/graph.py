@@ -249,16 +249,7 @@ class Graph:
         edge = parent.children.get(name)
         if check_only:
             if edge is not None and child is not None and edge.child is not child:
-                old = edge.child
-                old.parents.remove(edge)
-                edge.child = child
-                child.parents.append(edge)
-                try:
-                    self._propagate([child, old], _Plan())
-                finally:
-                    child.parents.remove(edge)
-                    edge.child = old
-                    old.parents.append(edge)
+                self._move_edges([edge], edge.child, child, commit=False)
             return
         if child is None:
             if edge is not None:
@@ -271,22 +262,33 @@ class Graph:
         old = edge.child
         if old is child:
             return
-        old.parents.remove(edge)
-        edge.child = child
-        child.parents.append(edge)
-        try:
-            plan = _Plan()
-            self._propagate([child, old], plan)
-        except BaseException:
-            child.parents.remove(edge)
-            edge.child = old
-            old.parents.append(edge)
-            raise
-        self._commit(plan)
-        for node in (old, child):
-            node.set_perm(*self.cumulative(node))
+        self._move_edges([edge], old, child)
         if not old.parents and not old.monitor_owned:
             await self.close_node(old)
+
+    def _move_edges(self, edges: list[Edge], old: Node, new: Node, commit: bool = True) -> None:
+        """Point ``edges`` (users of ``old``) at ``new`` with both nodes'
+        permissions planned and checked; on a conflict, or when only
+        checking (``commit=False``), the edges are put back."""
+        def repoint(src: Node, dst: Node) -> None:
+            for edge in edges:
+                src.parents.remove(edge)
+                edge.child = dst
+                dst.parents.append(edge)
+
+        repoint(old, new)
+        try:
+            plan = _Plan()
+            self._propagate([new, old], plan)
+        except BaseException:
+            repoint(new, old)
+            raise
+        if not commit:
+            repoint(new, old)
+            return
+        self._commit(plan)
+        for node in (old, new):
+            node.set_perm(*self.cumulative(node))
 
     def replace_node(self, old: Node, new: Node, exclude: Iterable[Edge] = ()) -> None:
         """QEMU's bdrv_replace_node: every user of ``old`` (but ``exclude`` and
@@ -295,22 +297,7 @@ class Graph:
         on a conflict nothing changes. Call it inside a drained section."""
         skip = set(map(id, exclude))
         moved = [e for e in old.parents if id(e) not in skip and e.parent is not new]
-        for edge in moved:
-            old.parents.remove(edge)
-            edge.child = new
-            new.parents.append(edge)
-        try:
-            plan = _Plan()
-            self._propagate([new, old], plan)
-        except BaseException:
-            for edge in moved:
-                new.parents.remove(edge)
-                edge.child = old
-                old.parents.append(edge)
-            raise
-        self._commit(plan)
-        for node in (old, new):
-            node.set_perm(*self.cumulative(node))
+        self._move_edges(moved, old, new)
 
     # ----- permission planning -------------------------------------------
     def cumulative(self, node: Node, plan: _Plan | None = None) -> tuple[Perm, Perm]:
