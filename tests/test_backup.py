@@ -289,6 +289,34 @@ def test_guest_writes_during_backup_keep_old_data(qemu_sd, qsd, workdir: Path) -
     compare(theirs / "src.qcow2", ours / "src.qcow2")
 
 
+def session_compressed(s: Script) -> None:
+    """compress=true: a qcow2 target gets compressed clusters (zlib and
+    zstd images), a raw target is refused with QSD's text."""
+    s.cmd("blockdev-add", qcow2("src", "src.qcow2"))
+    for name in ("cz", "cs"):
+        s.cmd("blockdev-add", qcow2(name, f"{name}.qcow2"))
+    s.cmd("blockdev-add", {"driver": "raw", "node-name": "raw",
+                           "file": {"driver": "file", "filename": "raw.img"}})
+    s.cmd("blockdev-backup", backup("r", "src", "raw", "full", compress=True))
+    s.cmd("blockdev-backup", backup("z", "src", "cz", "full", compress=True), until=("z", "null"))
+    s.cmd("blockdev-backup", backup("s", "src", "cs", "full", compress=True), until=("s", "null"))
+    for name in ("cz", "cs", "raw", "src"):
+        s.cmd("blockdev-del", {"node-name": name})
+    for name in ("cz", "cs"):
+        s.sh(f"qemu-img compare orig.qcow2 {name}.qcow2")
+        s.sh(f"qemu-img check --output=json {name}.qcow2 | grep -E 'compressed|corrupt|leak'")
+
+
+def test_compressed_backup_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    setup = (SETUP + " && qemu-img create -q -f qcow2 cz.qcow2 16M"
+             " && qemu-img create -q -f qcow2 -o compression_type=zstd cs.qcow2 16M"
+             " && qemu-img create -q -f raw raw.img 16M")
+    theirs, ours = differential(qemu_sd, qsd, workdir, setup, session_compressed)
+    for name in ("cz", "cs"):
+        compare(theirs / f"{name}.qcow2", ours / f"{name}.qcow2")
+        check(ours / f"{name}.qcow2")
+
+
 INFO = ("qemu-img info --output=json {} | python3 -c 'import json, sys; i = json.load(sys.stdin); "
         "print(i[\"format\"], i[\"virtual-size\"], i.get(\"backing-filename\"), i.get(\"cluster-size\"))'")
 

@@ -351,9 +351,9 @@ async def create_backup(daemon: "Daemon", args: dict[str, Any], source: Node, ta
 
     if source is target:
         raise GenericError("Source and target cannot be the same")
-    if args.get("compress"):
-        # No driver of qsd writes compressed clusters (QEMU names the
-        # target's BlockBackend here, which QSD never has).
+    compress = bool(args.get("compress"))
+    if compress and not callable(getattr(target, "write_compressed", None)):
+        # QEMU names the target's BlockBackend here, which QSD never has.
         raise GenericError("Compression is not supported for this drive ")
     check_not_busy(target)
     perf = args.get("x-perf", {})
@@ -375,6 +375,7 @@ async def create_backup(daemon: "Daemon", args: dict[str, Any], source: Node, ta
             raise GenericError("Source and target image have different sizes")
         cbw = await insert_filter(daemon, source, target, args.get("filter-node-name"))
         assert cbw.bcs is not None
+        cbw.bcs.compress = compress
         if max_chunk and max_chunk < cbw.bcs.cluster_size:
             raise GenericError(f"Required max-chunk ({max_chunk}) is less than backup cluster "
                                f"size ({cbw.bcs.cluster_size})")

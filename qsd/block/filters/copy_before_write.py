@@ -93,6 +93,9 @@ class BlockCopy:
         #: While set, clusters unallocated in the source's top layer are
         #: dropped instead of copied (sync=top's first pass).
         self.skip_unallocated = False
+        #: Write data as compressed clusters (backup's ``compress``; the
+        #: target node has ``write_compressed``).
+        self.compress = False
         self.in_flight_bytes = 0
         self._tasks: list[_Task] = []
         #: Progress callbacks of the job that owns the copy (done, remaining).
@@ -185,7 +188,10 @@ class BlockCopy:
                 except OSError as exc:
                     raise CopyError(exc, True) from exc
                 try:
-                    await self.target.write(task.offset, buf)
+                    if self.compress:
+                        await self.target.child.write_compressed(task.offset, buf)
+                    else:
+                        await self.target.write(task.offset, buf)
                 except OSError as exc:
                     raise CopyError(exc, False) from exc
         except BaseException as exc:
