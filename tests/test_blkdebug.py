@@ -338,3 +338,42 @@ def test_rules_at_work_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path, case: 
         results[tag] = out
     assert results["o"] == results["q"]
     assert any(rc for _, rc, _ in results["q"])      # every case makes something fail
+
+
+# The same under qcow2: its data reads and writes fire read_aio/write_aio on
+# its file child as QEMU's qcow2 does (metadata I/O does not).
+QCOW2_CASES = {
+    "read": (b'[inject-error]\nevent = "read_aio"\nonce = "on"\n',
+             ["write -P 7 0 4k", "read -P 7 0 4k", "read -P 7 0 4k", "read 64k 4k"]),
+    "write": (b'[inject-error]\nevent = "write_aio"\nerrno = "28"\nonce = "on"\n',
+              ["read 0 4k", "write -P 9 0 4k", "write -P 9 0 4k", "read -P 9 0 4k"]),
+    "overwrite": (b'[set-state]\nevent = "write_aio"\nstate = "1"\nnew_state = "2"\n'
+                  b'[inject-error]\nevent = "write_aio"\nstate = "2"\nerrno = "5"\n',
+                  ["write -P 1 0 64k", "write -P 2 0 4k", "read -P 1 0 64k"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QCOW2_CASES))
+def test_rules_under_qcow2_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path, case: str) -> None:
+    config, commands = QCOW2_CASES[case]
+    (workdir / "r.cfg").write_bytes(config)
+    results = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(workdir / "disk.qcow2"), "1M"],
+                       check=True)
+        sock = workdir / f"{tag}-nbd.sock"
+        daemon = factory("--blockdev", "driver=file,node-name=f0,filename=disk.qcow2,locking=off",
+                         "--blockdev", "driver=blkdebug,node-name=b0,config=r.cfg,image=f0",
+                         "--blockdev", "driver=qcow2,node-name=q0,file=b0",
+                         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                         "--export", "type=nbd,id=e0,node-name=q0,writable=on", qmp=False, wait_for=[sock])
+        out = []
+        for cmd in commands:
+            res = subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, f"nbd+unix:///q0?socket={sock}"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [line for line in res.stdout.splitlines() if not line[:1].isdigit()]
+            out.append((cmd, res.returncode, lines or [res.stderr.strip()]))
+        daemon.stop()
+        results[tag] = out
+    assert results["o"] == results["q"]
+    assert any(rc for _, rc, _ in results["q"])

@@ -461,6 +461,7 @@ class Qcow2Node(ClusterMap, Node):
             for r in runs:
                 view = buf[r.offset - offset:r.offset - offset + r.length]
                 if r.kind is Kind.NORMAL:
+                    self.data_node.debug_event("read_aio")
                     if self.crypto is not None:
                         await self._read_encrypted(r.offset, r.host, view)
                     else:
@@ -470,6 +471,7 @@ class Qcow2Node(ClusterMap, Node):
                 elif r.kind is Kind.ZERO:
                     view[:] = bytes(len(view))
                 else:
+                    self.file_node.debug_event("read_compressed")
                     data = await self._decompress(r.host)
                     start = r.offset & (self.cs - 1)
                     view[:] = data[start:start + r.length]
@@ -560,6 +562,7 @@ class Qcow2Node(ClusterMap, Node):
             # Outside the lock: the cluster stays ours until wait_overwrites()
             # lets a free or a snapshot go on.
             try:
+                self.data_node.debug_event("write_aio")
                 await self.data_node.write(host, data)
             finally:
                 self._overwrites -= 1
@@ -626,6 +629,7 @@ class Qcow2Node(ClusterMap, Node):
         point its L2 entry at it, as QEMU links an allocation after its data."""
         cluster = c_start >> self.cbits
         try:
+            self.data_node.debug_event("write_aio")
             if known_zero:
                 await self.data_node.write(host + offset - c_start, data)
             else:
@@ -825,6 +829,7 @@ class Qcow2Node(ClusterMap, Node):
             out = body
         if self.crypto is not None:
             out = self.crypto.cipher.encrypt(self.crypto.sector(g_start, host), out)
+        self.data_node.debug_event("write_aio")
         await self.data_node.write(host, out)
 
     # ----- compressed writes (the compress filter) ---------------------------
@@ -880,6 +885,7 @@ class Qcow2Node(ClusterMap, Node):
                 raise OSError(errno.EIO, "Input/output error")  # compression can't overwrite
             host = await self.refcounts.alloc_bytes(len(comp))
             self.check_overlap(host, len(comp), None)
+            self.file_node.debug_event("write_compressed")
             await self.file_node.write(host, comp)
             nsect = ((host + len(comp) - 1) >> 9) - (host >> 9)
             await self.set_entry(c_start, OFLAG_COMPRESSED | nsect << self.csectors_shift | host)
