@@ -191,6 +191,36 @@ def test_filter_node_info_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> 
     assert replies["o"] == replies["q"]
 
 
+def test_nested_node_info_over_a_chain_same_as_qsd(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
+    """Nested (non-flat) query-named-block-nodes: a filter's child is its
+    backing-image and counts in backing_file_depth, filters show the qcow2
+    child's cluster size and dirty flag, flat output counts no depth, and a
+    node is listed before its backing (named once its file is open)."""
+    for cmd in ("qemu-img create -q -f qcow2 base.qcow2 1M",
+                "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 1M",
+                "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 hdr.qcow2 1M"):
+        subprocess.run(cmd, shell=True, cwd=workdir, check=True)
+    session = [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                          "file": {"driver": "file", "filename": "top.qcow2", "node-name": "tf"},
+                          "backing": {"driver": "qcow2", "node-name": "base", "file": {
+                              "driver": "file", "filename": "base.qcow2", "node-name": "bf"}}}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"}),
+        ("blockdev-add", {"driver": "blkdebug", "node-name": "bd", "image": "cor"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "hdr",
+                          "file": {"driver": "file", "filename": "hdr.qcow2"}}),
+        ("query-named-block-nodes", None),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+    replies = {}
+    for tag, factory in (("q", qemu_sd), ("o", qsd)):
+        daemon = factory(cwd=workdir)
+        q = daemon.qmp()
+        replies[tag] = [_normalized(q.execute(cmd, args)) for cmd, args in session]
+        daemon.stop()
+    assert replies["o"] == replies["q"]
+
+
 def test_preallocation_dropped_when_writers_leave(qemu_sd: Any, qsd: Any, workdir: Path) -> None:
     """blockdev-del of the format above the filter cuts the file back (the
     filter node itself stays); qsd may finish just after the reply, so the

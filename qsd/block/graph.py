@@ -182,6 +182,8 @@ class Graph:
             await node.open(options)
             self.check_own_perms(node)
         except BaseException:
+            if self.nodes.get(name) is node:
+                del self.nodes[name]
             await self._abort_open(node)
             raise
         self.nodes[name] = node
@@ -194,6 +196,11 @@ class Graph:
 
     async def open_child(self, parent: Node, name: str, ref: Any, role: Role) -> Node:
         """Attach a child given inline (dict) or by node-name reference (str)."""
+        if name != "file" and parent.node_name not in self.nodes:
+            # QEMU names a node once its "file" is open (probing opens that
+            # first) and before the driver opens any other child, which
+            # decides the order of query-named-block-nodes.
+            self.nodes[parent.node_name] = parent
         if isinstance(ref, str):
             child = self.nodes.get(ref)
             if child is None:

@@ -20,16 +20,21 @@ class FilterNode(Node):
     is_filter = True
     file_role = Role.FILTERED | Role.PRIMARY
     child_name = "file"
-    #: Answers query-named-block-nodes' dirty-flag with its child's (QEMU's
-    #: filters that forward get_info: throttle, blkdebug, copy-on-read, ...).
-    dirty_flag_from_child: ClassVar[bool] = False
     #: False for filters that must see every read: exports then get no host
     #: mapping of the child's file and go through the filter.
     maps_host: ClassVar[bool] = True
 
+    # QEMU's filters have no get_info of their own: the block layer asks the
+    # filtered child, so queries show its cluster size and dirty flag.
     @property
     def reports_dirty_flag(self) -> bool:  # type: ignore[override]
-        return self.dirty_flag_from_child and self.filtered.reports_dirty_flag
+        return self.filtered.reports_dirty_flag
+
+    def dirty_flag(self) -> bool:
+        return self.filtered.dirty_flag()
+
+    def cluster_size(self) -> int | None:
+        return self.filtered.cluster_size()
 
     async def open(self, options: dict[str, Any]) -> None:
         await self.open_child(self.child_name, options[self.child_name], self.file_role)

@@ -324,7 +324,6 @@ def build_rules(config: bytes | None, inject: list[dict[str, Any]],
 @register_driver
 class BlkdebugNode(FilterNode):
     driver = "blkdebug"
-    dirty_flag_from_child = True
     #: Every read has to pass the rules.
     maps_host = False
     child_name = "image"
@@ -355,19 +354,8 @@ class BlkdebugNode(FilterNode):
         self._json = {k: options[k] for k in ("config", "align", "max-transfer", "opt-write-zero",
                                                "max-write-zero", "opt-discard", "max-discard",
                                                "inject-error", "set-state") if k in options}
-        # QEMU names this node before it opens "image" (a child not called
-        # "file" is opened by the driver), so queries list the child as newer.
-        nodes = self.graph.nodes
-        named_here = self.node_name not in nodes
-        if named_here:
-            nodes[self.node_name] = self
-        try:
-            await super().open(options)
-            self._limits(options)
-        except BaseException:
-            if named_here and nodes.get(self.node_name) is self:
-                del nodes[self.node_name]
-            raise
+        await super().open(options)
+        self._limits(options)
 
     def _limits(self, options: dict[str, Any]) -> None:
         """QEMU's checks of the overridden request limits, in its order."""

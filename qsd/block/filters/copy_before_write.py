@@ -270,7 +270,6 @@ class CopyBeforeWriteNode(FilterNode):
 
     driver = "copy-before-write"
     #: QSD lists dirty-flag for it (the filter answers get_info through its child).
-    reports_dirty_flag = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -327,9 +326,6 @@ class CopyBeforeWriteNode(FilterNode):
                 perm |= Perm.CONSISTENT_READ
             shared &= ~(Perm.WRITE | Perm.RESIZE)
         return perm, shared
-
-    def cluster_size(self) -> int | None:
-        return self.filtered.cluster_size()
 
     async def _copy_old(self, offset: int, length: int) -> None:
         """Copy the clusters a change to [offset, offset+length) touches."""

@@ -34,7 +34,6 @@ def _backing(node: Node) -> Node | None:
 @register_driver
 class CopyOnReadNode(FilterNode):
     driver = "copy-on-read"
-    dirty_flag_from_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         self.bottom_name: str | None = options.get("bottom")

@@ -33,7 +33,6 @@ def _align_up(value: int, align: int) -> int:
 @register_driver
 class PreallocateNode(FilterNode):
     driver = "preallocate"
-    dirty_flag_from_child = True
     #: Size the parents' data reaches, end of the preallocated zeroes and
     #: end of the file; -1 while unknown (no write/resize permission yet).
     data_end = -1

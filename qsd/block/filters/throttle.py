@@ -31,7 +31,6 @@ def child_json(node: Any) -> dict[str, Any]:
 @register_driver
 class ThrottleNode(FilterNode):
     driver = "throttle"
-    dirty_flag_from_child = True
     #: Reads must come through the limits.
     maps_host = False
     member: ThrottleGroupMember | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qsd.block.filters import FilterNode
 from qsd.block.node import Node, Perm
 from qsd.qmp.commands.bitmaps import dirty_bitmaps_info
 from qsd.qmp.dispatch import command
@@ -65,6 +66,13 @@ def _backing(node: Node) -> Node | None:
     return edge.child if edge is not None else None
 
 
+def _filtered_or_backing(node: Node) -> Node | None:
+    """QEMU's bdrv_filter_or_cow_bs: what the nested image info goes on to."""
+    if isinstance(node, FilterNode):
+        return node.filtered
+    return _backing(node)
+
+
 def image_info(node: Node, nested: bool) -> dict[str, Any]:
     """ImageInfo, members inserted in the schema's order."""
     info: dict[str, Any] = {"filename": node.filename, "format": node.driver}
@@ -87,8 +95,9 @@ def image_info(node: Node, nested: bool) -> dict[str, Any]:
     snapshots = node.snapshots()
     if snapshots is not None:
         info["snapshots"] = snapshots
-    if backing is not None and nested:
-        info["backing-image"] = image_info(backing, nested)
+    below = _filtered_or_backing(node) if nested else None
+    if below is not None:
+        info["backing-image"] = image_info(below, nested)
     specific = node.format_specific()
     if specific is not None:
         info["format-specific"] = specific
@@ -99,13 +108,16 @@ def node_info(node: Node, flat: bool) -> dict[str, Any]:
     """BlockDeviceInfo, members inserted in the schema's order."""
     info: dict[str, Any] = {"file": node.filename, "node-name": node.node_name,
                             "ro": node.read_only, "drv": node.driver}
-    depth = 0
     backing = _backing(node)
     if backing is not None:
         info["backing_file"] = backing.filename
-        while backing is not None:
-            depth += 1
-            backing = _backing(backing)
+    # QEMU counts the nesting of the image info: filters and backing files
+    # alike, and nothing in flat output.
+    depth = 0
+    below = None if flat else _filtered_or_backing(node)
+    while below is not None:
+        depth += 1
+        below = _filtered_or_backing(below)
     info["backing_file_depth"] = depth
     info["encrypted"] = node.encrypted
     info["detect_zeroes"] = node.detect_zeroes

@@ -1186,13 +1186,14 @@ class Qcow2Node(ClusterMap, Node):
 
     def json_options(self) -> dict[str, Any]:
         """The options QEMU shows for this node inside a ``json:`` filename."""
-        assert self.crypto is not None
         child = self.file_node
         child_json = getattr(child, "json_options", None)
         inner = child_json() if child_json else dict(qemu_items(
             {"driver": child.driver, "filename": child.filename}))
-        return dict(qemu_items({"driver": self.driver, "file": inner,
-                                "encrypt.key-secret": self.crypto.key_secret}))
+        opts: dict[str, Any] = {"driver": self.driver, "file": inner}
+        if self.crypto is not None:
+            opts["encrypt.key-secret"] = self.crypto.key_secret
+        return dict(qemu_items(opts))
 
     def cluster_size(self) -> int | None:
         return self.header.cluster_size
