@@ -233,8 +233,6 @@ def test_session(name: str, tmp_path: Path, require_tool, libnbd) -> None:
 
 
 @pytest.mark.skipif(not have_qsd(), reason="qemu-storage-daemon not installed")
-@pytest.mark.xfail(strict=True, reason="qcow2 block_status reports depth 0 past the end of a "
-                   "shorter backing file; QEMU counts that area as allocated in the backing")
 def test_allocation_depth_past_short_backing(tmp_path: Path, require_tool) -> None:
     require_tool("nbdinfo")
     setup = ("qemu-img create -q -f qcow2 base.qcow2 1M && "

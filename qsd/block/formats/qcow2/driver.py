@@ -1150,8 +1150,13 @@ class Qcow2Node(ClusterMap, Node):
                 extents.append(Extent(r.offset, r.length, False, True, 1))
             else:
                 backing = self.backing_node
-                if backing is None or r.offset >= backing.size:
+                if backing is None:
                     extents.append(Extent(r.offset, r.length, False, True, 0))
+                    continue
+                if r.offset >= backing.size:
+                    # Zeroes past a short backing file count as allocated
+                    # there (QEMU's block_status_above).
+                    extents.append(Extent(r.offset, r.length, False, True, 2))
                     continue
                 sub = await backing.block_status(r.offset, min(r.length,
                                                                 backing.size - r.offset))
@@ -1162,7 +1167,7 @@ class Qcow2Node(ClusterMap, Node):
                 if covered < r.offset + r.length:
                     if covered >= backing.size:
                         extents.append(Extent(covered, r.offset + r.length - covered,
-                                              False, True, 0))
+                                              False, True, 2))
                     else:
                         break
         return extents
