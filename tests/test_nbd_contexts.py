@@ -249,6 +249,28 @@ def test_allocation_depth_past_short_backing(tmp_path: Path, require_tool) -> No
     assert qemu == ours
 
 
+@pytest.mark.skipif(not have_qsd(), reason="qemu-storage-daemon not installed")
+def test_allocation_depth_counts_filters(tmp_path: Path, require_tool) -> None:
+    """Filters count as layers for what lies below their child."""
+    require_tool("nbdinfo")
+    setup = ("qemu-img create -q -f qcow2 base.qcow2 4M && "
+             "qemu-io -c 'write 0 1M' base.qcow2 >/dev/null && "
+             "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 8M && "
+             "qemu-io -c 'write 512k 1M' top.qcow2 >/dev/null")
+    steps = [CAPS,
+             ex("blockdev-add", driver="qcow2", **{"node-name": "top"},
+                file={"driver": "file", "filename": "top.qcow2"}),
+             ex("blockdev-add", driver="copy-on-read", **{"node-name": "cor"}, file="top"),
+             ex("blockdev-add", driver="blkdebug", **{"node-name": "dbg"}, image="cor"),
+             nbd_start(),
+             ex("block-export-add", type="nbd", id="e", **{"node-name": "dbg"},
+                **{"allocation-depth": True}),
+             Shell(f"nbdinfo --map=qemu:allocation-depth '{URI.format('dbg')}'")]
+    qemu = run_session("qemu", tmp_path / "qemu", steps, setup=setup)
+    ours = run_session("qsd", tmp_path / "qsd", steps, setup=setup)
+    assert qemu == ours
+
+
 # ----- the contexts on their own ----------------------------------------------
 
 class _Node:

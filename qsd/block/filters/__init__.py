@@ -71,9 +71,13 @@ class FilterNode(Node):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         extents = await self.filtered.block_status(offset, length)
-        if not self.maps_host:
-            for extent in extents:
+        for extent in extents:
+            if not self.maps_host:
                 extent.host_fd = -1
+            # QEMU's allocation depth counts the filter as a layer for
+            # whatever lies below its child.
+            if extent.depth > 1:
+                extent.depth += 1
         return extents
 
     def host_extent(self, offset: int, length: int) -> tuple[int, int] | None:
