@@ -153,11 +153,14 @@ def test_sum_of_tokens_is_limited(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------------------------------
 # properties of the parser
 
+# QEMU's JSON turns surrogates and noncharacters into U+FFFD, in keys as in values.
+_chars = st.characters(blacklist_categories=("Cs",)).filter(lambda c: not jsonstream._is_nonchar(ord(c)))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(st.characters(blacklist_categories=("Cs",)).filter(lambda c: not jsonstream._is_nonchar(ord(c)))),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    | st.text(_chars),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(_chars, max_size=8), children,
+                                                                      max_size=5),
     max_leaves=30)
 
 
