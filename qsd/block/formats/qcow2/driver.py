@@ -539,19 +539,21 @@ class Qcow2Node(ClusterMap, Node):
                     fua: bool = False) -> None:
         self._check_writable()
         data = memoryview(data).cast("B")
-        fresh: tuple[int, int, bool] | None = None
+        fresh: tuple[int, int, int, bool] | None = None
         await self._acquire_range(offset, len(data))
         try:
             if self.lazy_refcounts and not self._marked_dirty:
                 await self._before_write()
             host = self._overwrite_host(offset, len(data))
             if host is None:
-                fresh = await self._fresh_cluster(offset, len(data))
+                fresh = await self._fresh_clusters(offset, len(data))
                 if fresh is None:
                     await self._write_locked(offset, data)
                     self._compressed_cache = None
                 else:
-                    self._allocating[offset >> self.cbits] = asyncio.Event()
+                    first = offset >> self.cbits
+                    for cluster in range(first, first + fresh[1]):
+                        self._allocating[cluster] = asyncio.Event()
             else:
                 self._overwrites += 1
         finally:
@@ -597,53 +599,66 @@ class Qcow2Node(ClusterMap, Node):
         finally:
             self._lock.release()
 
-    async def _fresh_cluster(self, offset: int, length: int) -> tuple[int, int, bool] | None:
-        """For a write inside one cluster that reads as zeroes now (unallocated
-        without backing data, or a zero cluster without host cluster):
-        allocate its host cluster and return (cluster start, host, whether
-        the host cluster already reads as zeroes); the data then goes out
-        without the lock (:meth:`_write_fresh`). None: take the full path."""
-        cbits = self.cbits
-        c_start = offset >> cbits << cbits
-        if (self.crypto is not None or self.has_data_file or self.ext_l2
-                or (offset + length - 1) >> cbits != offset >> cbits):
+    async def _fresh_clusters(self, offset: int, length: int) -> tuple[int, int, int, bool] | None:
+        """For a write into clusters of one L2 table that all read as zeroes
+        now (unallocated without backing data, or zero clusters without host
+        clusters): allocate a contiguous host run for them and return (first
+        cluster's guest start, cluster count, host, whether the run already
+        reads as zeroes); the data then goes out without the lock
+        (:meth:`_write_fresh`). None: take the full path."""
+        cbits, cs = self.cbits, self.cs
+        first, last = offset >> cbits, (offset + length - 1) >> cbits
+        count = last - first + 1
+        c_start = first << cbits
+        if self.crypto is not None or self.has_data_file or self.ext_l2:
             return None
-        l1_index, idx = divmod(offset >> cbits, self.l2_entries)
-        if l1_index >= len(self.l1):
-            return None
-        l2_off = self._l2_offset(l1_index)
-        entry = self.entry_pair(await self.l2_cache.get(l2_off), idx)[0] if l2_off else 0
-        if entry & ~OFLAG_ZERO:
+        l1_index, idx = divmod(first, self.l2_entries)
+        if l1_index >= len(self.l1) or last // self.l2_entries != l1_index:
             return None
         backing = self.backing_node
-        if not entry and backing is not None and c_start < backing.size:
-            return None
-        host, zero_from = await self.refcounts.alloc_data(1)
-        self.check_overlap(host, self.cs, None)
-        return c_start, host, host >= zero_from
+        backing_end = backing.size if backing is not None else 0
+        l2_off = self._l2_offset(l1_index)
+        table = await self.l2_cache.get(l2_off) if l2_off else None
+        for i in range(count):
+            entry = self.entry_pair(table, idx + i)[0] if table is not None else 0
+            if entry & ~OFLAG_ZERO:
+                return None
+            if not entry and c_start + i * cs < backing_end:
+                return None
+        host, zero_from = await self.refcounts.alloc_data(count)
+        self.check_overlap(host, count * cs, None)
+        return c_start, count, host, host >= zero_from
 
-    async def _write_fresh(self, offset: int, data: memoryview, c_start: int, host: int,
-                           known_zero: bool) -> None:
-        """Write the data of a cluster :meth:`_fresh_cluster` allocated (zero
+    async def _write_fresh(self, offset: int, data: memoryview, c_start: int, count: int,
+                           host: int, known_zero: bool) -> None:
+        """Write the data of clusters :meth:`_fresh_clusters` allocated (zero
         padding only where the file does not read as zeroes already), then
-        point its L2 entry at it, as QEMU links an allocation after its data."""
-        cluster = c_start >> self.cbits
+        point their L2 entries at them, as QEMU links an allocation after
+        its data."""
+        cs = self.cs
+        linked = 0
         try:
             self.data_node.debug_event("write_aio")
-            if known_zero:
-                await self.data_node.write(host + offset - c_start, data)
+            head = offset - c_start
+            tail = count * cs - head - len(data)
+            if known_zero or not (head or tail):
+                await self.data_node.write(host + head, data)
             else:
-                buf = bytearray(self.cs)
-                buf[offset - c_start:offset - c_start + len(data)] = data
+                buf = bytearray(count * cs)
+                buf[head:head + len(data)] = data
                 await self.data_node.write(host, buf)
             async with self._lock:
-                await self.set_entry(c_start, host | OFLAG_COPIED)
+                for linked in range(count):
+                    await self.set_entry(c_start + linked * cs, host + linked * cs | OFLAG_COPIED)
+                linked = count
                 self._compressed_cache = None
         except BaseException:
-            self.refcounts.free(host, 1)  # applied with the next batch of frees
+            # Applied with the next batch of frees; linked clusters stay.
+            self.refcounts.free(host + linked * cs, count - linked)
             raise
         finally:
-            self._allocating.pop(cluster).set()
+            for i in range(count):
+                self._allocating.pop((c_start >> self.cbits) + i).set()
 
     async def wait_overwrites(self) -> None:
         """Wait for the overwrites running outside the lock (called with the
