@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = {
@@ -73,18 +74,21 @@ class QMP:
         self.sock.close()
 
 
-def run_one(server: str, d: Path, size: str) -> float:
-    """Seconds from blockdev-mirror to BLOCK_JOB_READY."""
+def run_one(server: str, d: Path, size: str, job: Callable[[QMP], float]) -> float:
+    """Start a fresh daemon with the source and a new empty qcow2 target of
+    the same size opened as ``src`` and ``tgt``; ``job`` starts the job and
+    returns the seconds it timed."""
     tgt = d / "tgt.qcow2"
     tgt.unlink(missing_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tgt), size], check=True)
     sock = d / "qmp.sock"
     sock.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([*SERVERS[server], "--chardev",
-                             f"socket,path={sock},server=on,wait=off,id=c0", "--monitor",
-                             "chardev=c0"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(d / f"{server}.stderr", "ab"), env=env)
+    with open(d / f"{server}.stderr", "ab") as err:
+        proc = subprocess.Popen([*SERVERS[server], "--chardev",
+                                 f"socket,path={sock},server=on,wait=off,id=c0", "--monitor",
+                                 "chardev=c0"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -95,12 +99,7 @@ def run_one(server: str, d: Path, size: str) -> float:
         for name, path in (("src", d / "src.qcow2"), ("tgt", tgt)):
             qmp.cmd("blockdev-add", driver="qcow2", **{"node-name": name},
                     file={"driver": "file", "filename": str(path)})
-        start = time.monotonic()
-        qmp.cmd("blockdev-mirror", **{"job-id": "m"}, device="src", target="tgt", sync="full")
-        qmp.wait_event("BLOCK_JOB_READY")
-        elapsed = time.monotonic() - start
-        qmp.cmd("job-complete", id="m")
-        qmp.wait_event("BLOCK_JOB_COMPLETED")
+        elapsed = job(qmp)
         qmp.close()
         return elapsed
     finally:
@@ -108,12 +107,15 @@ def run_one(server: str, d: Path, size: str) -> float:
         proc.wait(timeout=60)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_bench(name: str, what: str, job: Callable[[QMP], float],
+              check: Callable[[Path], None] | None = None) -> int:
+    """The command line and rounds shared by the job benchmarks: a fully
+    allocated source, servers alternating, ``check(dir)`` after each run."""
+    ap = argparse.ArgumentParser(description=what)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", default="1G")
     opts = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="qsd-bench-mirror-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"qsd-bench-{name}-", dir="/var/tmp") as tmp:
         d = Path(tmp)
         src = d / "src.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), opts.size], check=True)
@@ -124,21 +126,37 @@ def main() -> int:
         ratios: list[float] = []
         for r in range(opts.rounds):
             order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))
-            got = {s: run_one(s, d, opts.size) for s in order}
+            got = {}
+            for s in order:
+                got[s] = run_one(s, d, opts.size, job)
+                if check is not None:
+                    check(d)
             for s, t in got.items():
                 times[s].append(t)
             ratios.append(got["QSD"] / got["qsd"])
             print(f"round {r + 1}: " + ", ".join(f"{s} {t:.2f}s" for s, t in got.items()),
                   flush=True)
-        print(f"\nmirror sync=full of a fully allocated {opts.size} qcow2 "
+        print(f"\n{name} sync=full of a fully allocated {opts.size} qcow2 "
               f"({nbytes >> 20} MiB file), median of {opts.rounds} rounds")
         for s in SERVERS:
             med = statistics.median(times[s])
             print(f"  {s:4} {med:6.2f} s  {nbytes / med / (1 << 20):8.1f} MiB/s")
-        print(f"  speed ratio qsd/QSD: median {statistics.median(times['QSD']) / statistics.median(times['qsd']):.2f},"
-              f" paired per round {statistics.median(ratios):.2f}")
+        ratio = statistics.median(times["QSD"]) / statistics.median(times["qsd"])
+        print(f"  speed ratio qsd/QSD: median {ratio:.2f}, paired per round "
+              f"{statistics.median(ratios):.2f}")
     return 0
 
 
+def mirror_job(qmp: QMP) -> float:
+    """Seconds from blockdev-mirror to BLOCK_JOB_READY (the bulk copy)."""
+    start = time.monotonic()
+    qmp.cmd("blockdev-mirror", **{"job-id": "m"}, device="src", target="tgt", sync="full")
+    qmp.wait_event("BLOCK_JOB_READY")
+    elapsed = time.monotonic() - start
+    qmp.cmd("job-complete", id="m")
+    qmp.wait_event("BLOCK_JOB_COMPLETED")
+    return elapsed
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(job_bench("mirror", __doc__.splitlines()[0], mirror_job))
