@@ -297,6 +297,25 @@ class Graph:
         for node in (old, new):
             node.set_perm(*self.cumulative(node))
 
+    async def insert_filter(self, cls: type[Node], name: str | None, below: Node,
+                            child: str = "backing") -> Node:
+        """An internal filter node of class ``cls`` (named ``name``, or a
+        generated name) over ``below``, as its ``child``; every user of
+        ``below`` moves onto it inside a drained section (jobs' mirror_top
+        and commit_top)."""
+        generated = name is None
+        node_name = self.generate_name() if name is None else name
+        node = cls(self, node_name, {"driver": cls.driver}, generated_name=generated)
+        await self.attach(node, child, below, node.file_role)
+        try:
+            async with self.drained(below):
+                self.replace_node(below, node)
+        except BaseException:
+            await self.detach(node.children[child])
+            raise
+        self.nodes[node_name] = node
+        return node
+
     def replace_node(self, old: Node, new: Node, exclude: Iterable[Edge] = ()) -> None:
         """QEMU's bdrv_replace_node: every user of ``old`` (but ``exclude`` and
         edges from ``new`` itself) becomes a user of ``new``, keeping its edge

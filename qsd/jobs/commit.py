@@ -59,19 +59,7 @@ class CommitJob(BlockJob):
     async def setup(self) -> None:
         """Filter above the top, the base for writing, the layers blocked."""
         g = self.graph
-        if self.filter_name is not None:
-            name, generated = self.filter_name, False
-        else:
-            name, generated = g.generate_name(), True
-        node = CommitTopNode(g, name, {"driver": "commit_top"}, generated_name=generated)
-        await g.attach(node, "backing", self.top, node.file_role)
-        try:
-            async with g.drained(self.top):
-                g.replace_node(self.top, node)
-        except BaseException:
-            await g.detach(node.children["backing"])
-            raise
-        g.nodes[name] = node
+        node = await g.insert_filter(CommitTopNode, self.filter_name, self.top)
         self.filter = node
         blocker = "block device is in use by block job: commit"
         desc = f"block job '{self.id}'"
@@ -103,25 +91,12 @@ class CommitJob(BlockJob):
             n = min(COMMIT_CHUNK, size - offset)
             copied = 0
             for off, length in await allocated_above(self.top, self.base, offset, n):
-                await self._copy(off, length)
+                await self.retry_io(self.on_error, lambda: self._copier.copy(
+                    self.top, self.base, off, length))
                 copied += length
             self.progress_update(n)
             offset += n
             await self.throttle(copied)
-
-    async def _copy(self, offset: int, length: int) -> None:
-        while True:
-            try:
-                await self._copier.copy(self.top, self.base, offset, length)
-                return
-            except OSError as e:
-                is_read = getattr(e, "is_read", True)
-                action = self.error_action(self.on_error, is_read, e)
-                if action == "report":
-                    raise
-                if action == "ignore":
-                    return
-                await self.pause_point()
 
     async def prepare(self) -> None:
         """Drop the committed layers: the overlay now backs onto the base."""

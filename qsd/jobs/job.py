@@ -517,6 +517,25 @@ class BlockJob(Job):
         self.emit_error("read" if is_read else "write", action)
         return action
 
+    async def retry_io(self, policy: str, io: Callable[[], Awaitable[None]],
+                       is_read: bool | None = None) -> None:
+        """Run ``io`` under an error policy until it is done: ``report``
+        re-raises, ``ignore`` leaves this piece, ``stop`` retries once the
+        job resumes. ``is_read`` None: the error's own ``is_read`` says
+        which side failed (a copy's read or write)."""
+        while True:
+            try:
+                await io()
+                return
+            except OSError as e:
+                side = getattr(e, "is_read", True) if is_read is None else is_read
+                action = self.error_action(policy, side, e)
+                if action == "report":
+                    raise
+                if action == "ignore":
+                    return
+                await self.pause_point()
+
     # ----- BLOCK_JOB_* events (device is the job id) --------------------
     def _event_data(self) -> dict[str, Any]:
         return {"type": self.job_type, "device": self.id, "len": self.progress_total,

@@ -249,19 +249,7 @@ class MirrorJob(BlockJob):
     async def setup(self) -> None:
         """Insert the filter, take the job's edges and start tracking writes."""
         g = self.graph
-        if self.filter_name is not None:
-            name, generated = self.filter_name, False
-        else:
-            name, generated = g.generate_name(), True
-        node = MirrorTopNode(g, name, {"driver": "mirror_top"}, generated_name=generated)
-        await g.attach(node, "backing", self.source, node.file_role)
-        try:
-            async with g.drained(self.source):
-                g.replace_node(self.source, node)
-        except BaseException:
-            await g.detach(node.children["backing"])
-            raise
-        g.nodes[name] = node
+        node = await g.insert_filter(MirrorTopNode, self.filter_name, self.source)
         self.filter = node
         try:
             desc = f"block device is in use by block job: {self.job_type}"

@@ -136,12 +136,13 @@ class StreamJob(BlockJob):
             bufs = []
             for off, n in todo:
                 buf = bytearray(n)
-                await self._io(self.top.read_into, True, off, memoryview(buf))
+                await self.retry_io(self.on_error,
+                                    lambda: self.top.read_into(off, memoryview(buf)), True)
                 bufs.append(buf)
             if any(_overlaps(t, todo) for t in self._touched):
                 continue  # a guest write raced with us: look again
             for (off, n), buf in zip(todo, bufs):
-                await self._io(self.top.write, False, off, buf)
+                await self.retry_io(self.on_error, lambda: self.top.write(off, buf), False)
                 copied += n
             return copied
 
@@ -157,19 +158,6 @@ class StreamJob(BlockJob):
                     out.append((pos, stop - pos))
                 pos = stop
         return out
-
-    async def _io(self, fn: Any, is_read: bool, *args: Any) -> None:
-        while True:
-            try:
-                await fn(*args)
-                return
-            except OSError as e:
-                action = self.error_action(self.on_error, is_read, e)
-                if action == "report":
-                    raise
-                if action == "ignore":
-                    return
-                await self.pause_point()
 
     async def prepare(self) -> None:
         """The top's backing becomes the base; its header says so."""
