@@ -197,25 +197,32 @@ class BitmapRemove(BitmapAction):
             self.bitmap.busy = False
 
 
-@action("block-dirty-bitmap-clear")
-class BitmapClear(BitmapAction):
-    type_name = "block-dirty-bitmap-clear"
+class _BitsAction(BitmapAction):
+    """Changes a bitmap's bits: :meth:`save` keeps a copy for abort."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.bitmap: DirtyBitmap | None = None
         self.backup: DirtyBitmap | None = None
 
-    async def prepare(self) -> None:
-        self.check_completion_mode()
-        _, bitmap = lookup_bitmap(self.daemon.graph, self.args["node"], self.args["name"])
-        check_bitmap(bitmap, Check.DEFAULT)
+    def save(self, bitmap: DirtyBitmap) -> None:
         self.bitmap, self.backup = bitmap, bitmap.copy()
-        bitmap.clear()
 
     async def abort(self) -> None:
         if self.bitmap is not None and self.backup is not None:
             _restore(self.bitmap, self.backup)
+
+
+@action("block-dirty-bitmap-clear")
+class BitmapClear(_BitsAction):
+    type_name = "block-dirty-bitmap-clear"
+
+    async def prepare(self) -> None:
+        self.check_completion_mode()
+        _, bitmap = lookup_bitmap(self.daemon.graph, self.args["node"], self.args["name"])
+        check_bitmap(bitmap, Check.DEFAULT)
+        self.save(bitmap)
+        bitmap.clear()
 
 
 class _Recording(BitmapAction):
@@ -253,17 +260,12 @@ class BitmapDisable(_Recording):
 
 
 @action("block-dirty-bitmap-merge")
-class BitmapMerge(BitmapAction):
+class BitmapMerge(_BitsAction):
     """Sources are merged into a scratch bitmap of the target's granularity
     first, so the target changes only once every source passed its checks.
     (An empty source list crashes QSD 7.2; here it merges nothing.)"""
 
     type_name = "block-dirty-bitmap-merge"
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.bitmap: DirtyBitmap | None = None
-        self.backup: DirtyBitmap | None = None
 
     async def prepare(self) -> None:
         self.check_completion_mode()
@@ -285,12 +287,8 @@ class BitmapMerge(BitmapAction):
                     f"Bitmaps are of different sizes (destination size is {scratch.size}, "
                     f"source size is {src.size}) and can't be merged")
             scratch.merge_from(src)
-        self.bitmap, self.backup = target, target.copy()
+        self.save(target)
         target.merge_from(scratch)
-
-    async def abort(self) -> None:
-        if self.bitmap is not None and self.backup is not None:
-            _restore(self.bitmap, self.backup)
 
 
 @command("x-debug-block-dirty-bitmap-sha256")
