@@ -317,6 +317,21 @@ def test_compressed_backup_matches_qsd(qemu_sd, qsd, workdir: Path) -> None:
         check(ours / f"{name}.qcow2")
 
 
+def session_source_held_by_mirror(s: Script) -> None:
+    """A mirror's blocker sits on its source: a backup of it is refused."""
+    for name in ("src", "tf", "tb"):
+        s.cmd("blockdev-add", qcow2(name, f"{name}.qcow2"))
+    s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tf", "sync": "full"},
+          until=("m", "ready"))
+    s.cmd("blockdev-backup", backup("b", "src", "tb", "full"))
+    s.cmd("blockdev-backup", backup("b", "tb", "tf", "full"))
+    s.cmd("job-cancel", {"id": "m"}, until=("m", "null"))
+
+
+def test_backup_of_a_mirrored_node_is_refused_as_in_qsd(qemu_sd, qsd, workdir: Path) -> None:
+    differential(qemu_sd, qsd, workdir, SETUP, session_source_held_by_mirror)
+
+
 INFO = ("qemu-img info --output=json {} | python3 -c 'import json, sys; i = json.load(sys.stdin); "
         "print(i[\"format\"], i[\"virtual-size\"], i.get(\"backing-filename\"), i.get(\"cluster-size\"))'")
 

@@ -35,7 +35,7 @@ from qsd.block.bitmap import DirtyBitmap
 from qsd.block.filters.copy_before_write import (BlockCopy, CopyBeforeWriteNode, CopyError,
                                                  find_bitmap)
 from qsd.block.node import Node, Perm
-from qsd.jobs.job import BlockJob, Job
+from qsd.jobs.job import BlockJob, Job, check_not_busy
 from qsd.jobs.ratelimit import RateLimit
 from qsd.jobs.txn import JobTxn, TxnJobMixin
 from qsd.qmp.errors import GenericError, QMPError
@@ -311,14 +311,6 @@ def _check_bitmap(bitmap: DirtyBitmap, allow_ro: bool) -> None:
         raise GenericError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
 
 
-def check_not_busy(node: Node) -> None:
-    """A node a block job holds is not a backup target (op blockers)."""
-    for edge in node.parents:
-        if edge.parent is None and edge.blocker and \
-                edge.blocker.startswith("block device is in use by block job"):
-            raise GenericError(f"Node '{node.node_name}' is busy: {edge.blocker}")
-
-
 async def create_backup(daemon: "Daemon", args: dict[str, Any], source: Node, target: Node,
                         txn: JobTxn | None = None) -> BackupJob:
     """Checks, bitmap freeze, filter, job: everything before the job starts.
@@ -355,6 +347,9 @@ async def create_backup(daemon: "Daemon", args: dict[str, Any], source: Node, ta
     if compress and not callable(getattr(target, "write_compressed", None)):
         # QEMU names the target's BlockBackend here, which QSD never has.
         raise GenericError("Compression is not supported for this drive ")
+    # Another backup's blockers sit on its filter and target, not on the
+    # source, so the same device can be backed up twice (as in QEMU).
+    check_not_busy(source)
     check_not_busy(target)
     perf = args.get("x-perf", {})
     max_workers = perf.get("max-workers", 64)

@@ -40,6 +40,7 @@ from qsd.jobs.ratelimit import RateLimit
 from qsd.qmp.errors import DeviceNotActive, GenericError, QMPError
 
 if TYPE_CHECKING:
+    from qsd.block.node import Node
     from qsd.daemon import Daemon
 
 log = logging.getLogger("qsd.jobs")
@@ -587,6 +588,14 @@ class BlockJob(Job):
         if self.error is not None:
             info["error"] = self.error
         return info
+
+
+def check_not_busy(node: "Node") -> None:
+    """QEMU's op blockers: a node a block job holds (its blocker on the job's
+    edge) can be neither the node nor the target of another job."""
+    for edge in node.parents:
+        if edge.parent is None and edge.blocker:
+            raise GenericError(f"Node '{node.node_name}' is busy: {edge.blocker}")
 
 
 class JobRegistry:

@@ -230,6 +230,7 @@ class MirrorJob(BlockJob):
         self.src_edge: "Edge | None" = None
         self.top_edge: "Edge | None" = None
         self.tgt_edge: "Edge | None" = None
+        self.tgt_block_edge: "Edge | None" = None
         self.should_complete = False
         #: sync=full copies every range (True) or only what the chain holds.
         self.zero_target = zero_target
@@ -260,6 +261,11 @@ class MirrorJob(BlockJob):
             shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE | Perm.RESIZE
             self.tgt_edge = await g.attach_user(self.target, f"block job '{self.id}'",
                                                 Perm.WRITE, shared)
+            # QEMU's target is a BlockBackend of the job ("in use" to
+            # blockdev-del) that also carries the job's op blocker ("busy"
+            # to other jobs): two edges here.
+            self.tgt_block_edge = await g.attach_user(self.target, f"block job '{self.id}'",
+                                                      Perm(0), Perm.all(), blocker=desc)
         except BaseException:
             await self._remove_filter()
             raise
@@ -505,10 +511,10 @@ class MirrorJob(BlockJob):
         try:
             await self._remove_filter()
         finally:
-            for edge in (self.src_edge, self.tgt_edge):
+            for edge in (self.src_edge, self.tgt_edge, self.tgt_block_edge):
                 if edge is not None:
                     await self.graph.detach(edge)
-            self.src_edge = self.tgt_edge = None
+            self.src_edge = self.tgt_edge = self.tgt_block_edge = None
             if self._drain is not None:
                 drain, self._drain = self._drain, None
                 await drain.aclose()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd.block.node import DRIVERS, CreateContext, Node, Perm, Role
 from qsd.jobs.commit import set_read_only, start_commit
+from qsd.jobs.job import check_not_busy
 from qsd.jobs.mirror import MirrorJob, chain_next, check_granularity, start_mirror
 from qsd.jobs.stream import start_stream
 from qsd.qmp.actions import Action, action
@@ -32,13 +33,6 @@ def root_node(daemon: "Daemon", name: str) -> Node:
     if any(e.parent is not None for e in node.parents):
         raise GenericError("Need a root block node")
     return node
-
-
-def check_not_busy(node: Node) -> None:
-    """QEMU's op blockers: a node a job holds cannot start another one."""
-    for edge in node.parents:
-        if edge.parent is None and edge.blocker:
-            raise GenericError(f"Node '{node.node_name}' is busy: {edge.blocker}")
 
 
 def job_options(args: dict[str, Any]) -> dict[str, Any]:
