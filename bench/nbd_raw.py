@@ -415,6 +415,17 @@ def report(results: list[Result], servers: list[Server], workloads: list[Workloa
 # main
 
 
+def select_workloads(ap: argparse.ArgumentParser, only: list[str] | None) -> list[Workload]:
+    """The workloads ``--only`` names (repeatable or comma-separated), all without it."""
+    if not only:
+        return list(WORKLOADS)
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS_BY_NAME]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS_BY_NAME)}")
+    return [WORKLOADS_BY_NAME[n] for n in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Serve one raw image from qemu-storage-daemon (QSD), nbdkit and qsd over NBD unix sockets, "
@@ -435,13 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds a server may take to start (30)")
     args = ap.parse_args(argv)
 
-    workloads = WORKLOADS
-    if args.only:
-        names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-        unknown = [n for n in names if n not in WORKLOADS_BY_NAME]
-        if unknown:
-            ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS_BY_NAME)}")
-        workloads = [WORKLOADS_BY_NAME[n] for n in names]
+    workloads = select_workloads(ap, args.only)
     servers: list[Server] = []
     for key in [k.strip() for k in args.servers.split(",") if k.strip()]:
         if key not in SERVER_CLASSES:

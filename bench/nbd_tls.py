@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nbd_raw import (  # the sibling module, whatever the current directory
     GiB,
     MiB,
-    WORKLOADS,
     WORKLOADS_BY_NAME,
     Result,
     Running,
@@ -42,6 +41,7 @@ from nbd_raw import (  # the sibling module, whatever the current directory
     parse_size,
     record_fio,
     report,
+    select_workloads,
     tool_version,
 )
 
@@ -197,13 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds a server may take to start (30)")
     args = ap.parse_args(argv)
 
-    workloads = WORKLOADS
-    if args.only:
-        names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-        bad = [n for n in names if n not in WORKLOADS_BY_NAME]
-        if bad:
-            ap.error(f"unknown workload(s) {', '.join(bad)}")
-        workloads = [WORKLOADS_BY_NAME[n] for n in names]
+    workloads = select_workloads(ap, args.only)
     keys = [k.strip() for k in args.servers.split(",") if k.strip()]
     if any(k not in SERVER_CLASSES for k in keys) or not keys or args.rounds < 1 or args.seconds < 1:
         ap.error("servers among qemu,nbdkit,qsd; at least one round and one second")

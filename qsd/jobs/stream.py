@@ -32,6 +32,8 @@ STREAM_CHUNK = 512 << 10
 
 
 def chain_contains(top: Node, node: Node) -> bool:
+    """Whether ``node`` is ``top`` or below it in its chain (a new backing
+    link from ``node`` to ``top`` would make a cycle)."""
     it: Node | None = top
     while it is not None:
         if it is node:

@@ -17,7 +17,7 @@ from qsd.block.node import DRIVERS, CreateContext, Node, Perm, Role
 from qsd.jobs.commit import set_read_only, start_commit
 from qsd.jobs.job import check_not_busy
 from qsd.jobs.mirror import MirrorJob, chain_next, check_granularity, start_mirror
-from qsd.jobs.stream import start_stream
+from qsd.jobs.stream import chain_contains, start_stream
 from qsd.qmp.actions import Action, action
 from qsd.qmp.dispatch import command
 from qsd.qmp.errors import GenericError
@@ -391,15 +391,6 @@ _REOPEN_MUTABLE = frozenset({"driver", "node-name", "read-only", "auto-read-only
                              "overlap-check"})
 
 
-def _creates_cycle(node: Node, backing: Node) -> bool:
-    it: Node | None = backing
-    while it is not None:
-        if it is node:
-            return True
-        it = chain_next(it)
-    return False
-
-
 @command("blockdev-reopen")
 async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, Any]:
     """All nodes are checked first, then changed: read-only, backing child
@@ -422,7 +413,7 @@ async def blockdev_reopen(daemon: "Daemon", args: dict[str, Any]) -> dict[str, A
             backing = None
         else:
             new = g.find(opts["backing"], "")
-            if _creates_cycle(node, new):
+            if chain_contains(new, node):
                 raise GenericError(f"Making '{new.node_name}' a backing child of '{name}' "
                                    "would create a cycle")
             backing = new
